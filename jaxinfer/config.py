@@ -1,0 +1,253 @@
+"""Frozen, hashable configs: one per concern (STYLE.md rule 2).
+
+`ModelConfig` describes the network, `EngineConfig` how it is run (page size, buckets,
+dtypes, kernels), `ServeConfig` the server around it. All are static jit arguments, so they
+must stay hashable: tuples, not lists. Hugging Face `config.json` files are mapped to
+`ModelConfig` by `checkpoints.hf_config`; named random-weight presets live in `PRESETS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from jaxinfer.errors import ConfigError
+
+Family = Literal["llama", "mistral", "qwen2"]
+RopeType = Literal["default", "linear", "dynamic", "llama3"]
+Kernels = Literal["reference", "pallas"]
+DTypeName = Literal["bfloat16", "float16", "float32"]
+
+FAMILIES = ("llama", "mistral", "qwen2")
+DTYPES = ("bfloat16", "float16", "float32")
+KERNELS = ("reference", "pallas")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling as Hugging Face defines it (`rope_scaling` in config.json)."""
+
+    rope_type: RopeType = "default"
+    factor: float = 1.0
+    # llama3 only
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("default", "linear", "dynamic", "llama3"):
+            raise ConfigError(f"rope_scaling.rope_type: unsupported value {self.rope_type!r}")
+        if self.rope_type != "default" and not self.factor > 0:
+            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(
+                "rope_scaling.high_freq_factor must be > low_freq_factor, got "
+                f"{self.high_freq_factor} <= {self.low_freq_factor}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A Llama-family decoder: Llama 2/3, Mistral, Qwen2 (qkv bias), tied or untied embeddings."""
+
+    family: Family = "llama"
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    sliding_window: int | None = None  # attend to the last `sliding_window` keys only
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family: unsupported architecture {self.family!r} (supported: {FAMILIES})")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window}")
+        if not isinstance(self.eos_token_ids, tuple):
+            raise ConfigError("eos_token_ids must be a tuple of ints")
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads served by each KV head (GQA group size; 1 = MHA, N = MQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def context_limit(self) -> int:
+        """Longest sequence the model is meant for (dynamic NTK scaling stretches it)."""
+        if self.rope_scaling.rope_type == "dynamic":
+            return int(self.max_position_embeddings * self.rope_scaling.factor)
+        return self.max_position_embeddings
+
+    @property
+    def num_params(self) -> int:
+        d, f, n, k, h, v = (self.hidden_size, self.intermediate_size, self.num_heads,
+                            self.num_kv_heads, self.head_dim, self.vocab_size)
+        attn = d * n * h * 2 + d * k * h * 2 + (n * h + 2 * k * h if self.attention_bias else 0)
+        layer = attn + 3 * d * f + 2 * d
+        return self.num_layers * layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelConfig:
+        """Inverse of `to_json` (the format of `jaxinfer_config.json`)."""
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"jaxinfer_config.json: unknown field(s) {unknown}")
+        if isinstance(data.get("rope_scaling"), dict):
+            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ConfigError(f"jaxinfer_config.json: {e}") from None
+
+
+def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
+    out, x = [], lo
+    while x < hi:
+        out.append(x)
+        x *= 2
+    out.append(hi)
+    return tuple(sorted(set(out)))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """How a model is run: cache geometry, static shape buckets, dtypes and kernels."""
+
+    page_size: int = 16  # G: tokens per KV page
+    num_pages: int = 1024  # P: pages in the pool (page 0 is a valid page, not reserved)
+    max_seq_len: int = 2048  # longest sequence (prompt + generated) a slot may hold
+    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)  # T during prefill
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # B
+    decode_steps: int = 8  # decode steps per device dispatch (lax.scan), one host sync each
+    dtype: DTypeName = "bfloat16"  # weights and activations
+    cache_dtype: DTypeName | None = None  # KV cache; None = same as dtype
+    kernels: Kernels = "reference"
+
+    def __post_init__(self) -> None:
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size must be a positive power of two, got {self.page_size}")
+        for name in ("num_pages", "max_seq_len", "decode_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("prefill_buckets", "batch_buckets"):
+            b = getattr(self, name)
+            if not b or list(b) != sorted(set(b)) or b[0] <= 0:
+                raise ConfigError(f"{name} must be strictly increasing positive ints, got {b}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.cache_dtype is not None and self.cache_dtype not in DTYPES:
+            raise ConfigError(f"cache_dtype must be one of {DTYPES}, got {self.cache_dtype!r}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+
+    @property
+    def pages_per_seq(self) -> int:
+        """Block-table width needed for the longest sequence."""
+        return math.ceil(self.max_seq_len / self.page_size)
+
+    @property
+    def kv_dtype(self) -> str:
+        return self.cache_dtype or self.dtype
+
+    @property
+    def page_table_buckets(self) -> tuple[int, ...]:
+        """Block-table widths compiled for (powers of two up to `pages_per_seq`)."""
+        return _pow2_upto(1, self.pages_per_seq)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """The gRPC server around an engine."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_queue: int = 1024
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queue <= 0:
+            raise ConfigError(f"max_queue must be positive, got {self.max_queue}")
+
+
+# Random-weight presets: real shapes, no download. `dummy` is tiny enough for a laptop CPU.
+PRESETS: dict[str, ModelConfig] = {
+    "dummy": ModelConfig(
+        family="llama", vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=256, eos_token_ids=(257,),
+    ),
+    "llama-3.2-1b-shape": ModelConfig(
+        family="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position_embeddings=8192),
+        max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=256,
+        eos_token_ids=(257,),
+    ),
+    "llama-3.1-8b-shape": ModelConfig(
+        family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling=RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position_embeddings=8192),
+        max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=256,
+        eos_token_ids=(257,),
+    ),
+    "llama-3-70b-shape": ModelConfig(
+        family="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+        num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=256,
+        eos_token_ids=(257,),
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
+    return PRESETS[name]
+
+
+def replace(cfg, **overrides):
+    """`dataclasses.replace` with a `ConfigError` naming an unknown field."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key in overrides:
+        if key not in names:
+            raise ConfigError(f"{type(cfg).__name__} has no field {key!r}")
+    return dataclasses.replace(cfg, **overrides)

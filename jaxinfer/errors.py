@@ -1,0 +1,25 @@
+"""The error types of jaxinfer.
+
+Errors are raised at the boundaries (config construction, checkpoint load, request
+admission) and carry a message a user can act on without reading a traceback.
+"""
+
+
+class JaxinferError(Exception):
+    """Base of all jaxinfer errors."""
+
+
+class ConfigError(JaxinferError, ValueError):
+    """A model, engine or server configuration is invalid or unsupported."""
+
+
+class CheckpointError(JaxinferError):
+    """A checkpoint cannot be read: missing, truncated or mis-shaped tensors, bad files."""
+
+
+class RequestError(JaxinferError, ValueError):
+    """A request is invalid (returned to gRPC callers as INVALID_ARGUMENT)."""
+
+
+class CapacityError(JaxinferError):
+    """The engine is out of a resource (pages, slots); the caller requeues, never crashes."""

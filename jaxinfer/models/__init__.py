@@ -1,0 +1,1 @@
+"""Model families. Each family is one module; `llama` covers Llama, Mistral and Qwen2."""
