@@ -60,7 +60,7 @@ class DecoderLayers(nnx.Module):
         self.w_down = _param(rngs, (L, F, D), ("layers", "ffn", "embed"), dtype)
 
     def weights(self) -> dict[str, jax.Array]:
-        return {name: var.value for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
 def _layer(cfg: ModelConfig, kernels: Kernels, w: dict[str, jax.Array], layer: jax.Array,
@@ -115,7 +115,7 @@ class Llama(nnx.Module):
     ) -> tuple[jax.Array, PagedKVCache]:
         """Run the decoder; returns the final-normed hidden states [B, T, D] and the cache."""
         cfg = self.cfg
-        x = constrain(jnp.take(self.embed.value, tokens, axis=0), ("batch", "seq", "embed"))
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "seq", "embed"))
         cos, sin = rope_angles(cfg, positions)
 
         def body(carry, xs):
@@ -127,15 +127,15 @@ class Llama(nnx.Module):
 
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, cache), _ = jax.lax.scan(body, (x, cache), (self.layers.weights(), layer_ids))
-        return rms_norm(x, self.final_norm.value, cfg.rms_norm_eps), cache
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> float32 logits [..., V]."""
         if self.cfg.tie_word_embeddings:
-            out = jnp.einsum("...d,vd->...v", hidden, self.embed.value,
+            out = jnp.einsum("...d,vd->...v", hidden, self.embed[...],
                              preferred_element_type=jnp.float32)
         else:
-            out = jnp.einsum("...d,dv->...v", hidden, self.lm_head.value,
+            out = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...],
                              preferred_element_type=jnp.float32)
         return constrain(out, ("batch",) + (None,) * (out.ndim - 2) + ("vocab",))
 
