@@ -119,7 +119,7 @@ def bench_generate(args, batch_sizes: list[int]) -> list[dict]:
         page_size=args.page_size, num_pages=bmax * pages_needed(seq, args.page_size),
         max_seq_len=seq, dtype=dtype, kernels=args.kernels, decode_steps=args.decode_steps,
         batch_buckets=tuple(sorted(set(batch_sizes))),
-        prefill_buckets=(min(args.prompt_len, 512),))
+        prefill_buckets=(min(args.prompt_len, 512),), unroll_layers=args.unroll_layers)
     runner = Runner(cfg, engine, loaded.graphdef, loaded.params, mesh=mesh)
     cache = init_cache(cfg, engine, runner.cache_shardings)
     wbytes = param_bytes(loaded.params)
@@ -127,7 +127,7 @@ def bench_generate(args, batch_sizes: list[int]) -> list[dict]:
     peak = args.peak_gbps or (copy_bandwidth_gbps() if jax.default_backend() == "gpu" else None)
     rng = np.random.default_rng(0)
     base = dict(name="generate", model=args.model, dtype=dtype, quant="none", mesh=args.mesh,
-                kernels=args.kernels, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                kernels=args.kernels, unroll_layers=args.unroll_layers, decode_steps=args.decode_steps, prompt_len=args.prompt_len, gen_len=args.gen_len,
                 device=device_name(), jax_version=jax.__version__, git_sha=git_sha())
     rows = []
     for b in batch_sizes:
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=16, help="decode tokens per dispatch")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--unroll-layers", action="store_true",
+                   help="unroll the layer loop (static weight slices)")
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="bandwidth for roofline_frac (default: measured copy bandwidth on GPU)")
     return p

@@ -156,6 +156,9 @@ class EngineConfig:
     dtype: DTypeName = "bfloat16"  # weights and activations
     cache_dtype: DTypeName | None = None  # KV cache; None = same as dtype
     kernels: Kernels = "reference"
+    # Unroll the layer scan: static weight slices instead of a while loop (faster on GPU when
+    # XLA would otherwise copy each layer's weights out of the stacked arrays).
+    unroll_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):

@@ -141,8 +141,10 @@ class Generator:
 
     def _completion(self, prompt, ids, eos, max_new_tokens) -> Completion:
         reason = "stop" if ids and ids[-1] in eos else "length"
-        detok = IncrementalDetokenizer(self.loaded.tokenizer, list(prompt))
-        text = detok.add(ids) + detok.flush()
+        text = ""
+        if self.loaded.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.loaded.tokenizer, list(prompt))
+            text = detok.add(ids) + detok.flush()
         return Completion(prompt_ids=list(prompt), token_ids=ids, text=text, finish_reason=reason)
 
 
@@ -191,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tok = loaded.tokenizer
         if args.prompt_ids:
             prompts = [_parse_ids(x) for x in args.prompt_ids]
+        elif tok is None:
+            raise RequestError(f"{args.model} has no tokenizer files; give --prompt-ids")
         else:
             prompts = [tok.encode(x) for x in (args.prompt or ["Once upon a time"])]
         max_len = args.max_seq_len or min(loaded.cfg.context_limit, 4096)
@@ -213,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             print(json.dumps(r.to_json(), ensure_ascii=False))
         else:
-            print(tok.decode(r.prompt_ids) + r.text)
+            print((tok.decode(r.prompt_ids) if tok else str(r.prompt_ids)) + r.text)
     return 0
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import checkpoints
 from jaxinfer.config import PRESETS, ModelConfig
 from jaxinfer.errors import ConfigError
 from jaxinfer.models import llama
@@ -30,7 +31,7 @@ class LoadedModel:
     cfg: ModelConfig
     graphdef: object  # nnx.GraphDef of the model
     params: dict  # pure dict of jax.Array, placed with `shardings`
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: the directory has no tokenizer files (ids only)
     source: str  # preset name or directory
 
 
@@ -67,10 +68,12 @@ def load_model(model: str, *, mesh: jax.sharding.Mesh, dtype: str = "bfloat16", 
         raise ConfigError(
             f"--model {model!r} is neither a directory nor a preset "
             f"(presets: {', '.join(sorted(PRESETS))})")
-    import checkpoints  # the checkpoint package depends on jaxinfer, not the reverse at import
-
     cfg = checkpoints.load_model_config(path)
     graphdef, shardings = param_shardings(cfg, mesh, jdtype)
     params = checkpoints.load_params(path, cfg, dtype=jdtype, shardings=shardings,
                                      allow_pickle=allow_pickle)
-    return LoadedModel(cfg, graphdef, params, load_tokenizer(path), os.fspath(path))
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+    if not has_tokenizer:
+        logger.warning("%s has no tokenizer files: token ids only, no text", path)
+    tokenizer = load_tokenizer(path) if has_tokenizer else None
+    return LoadedModel(cfg, graphdef, params, tokenizer, os.fspath(path))

@@ -62,12 +62,13 @@ class DecodeState:
 
 
 def prefill_step(graphdef, params, cache: PagedKVCache, inputs: PrefillInputs, *,
-                 kernels: str, use_sampling: bool
+                 kernels: str, use_sampling: bool, unroll_layers: bool = False
                  ) -> tuple[PagedKVCache, jax.Array, jax.Array]:
     """Write a prompt chunk into the cache; return (cache, next tokens [B], logits [B, V])."""
     model = nnx.merge(graphdef, params)
     hidden, cache = model(inputs.tokens, inputs.positions, cache, inputs.block_tables,
-                          inputs.seq_lens, inputs.slots, kernels=kernels)
+                          inputs.seq_lens, inputs.slots, kernels=kernels,
+                          unroll_layers=unroll_layers)
     last = jnp.take_along_axis(hidden, inputs.logit_index[:, None, None], axis=1)[:, 0]  # [B, D]
     logits = model.logits(last)
     tokens = sample(logits, inputs.sampling, inputs.keys, inputs.seq_lens, use_sampling=use_sampling)
@@ -75,8 +76,8 @@ def prefill_step(graphdef, params, cache: PagedKVCache, inputs: PrefillInputs, *
 
 
 def decode_step(graphdef, params, cache: PagedKVCache, state: DecodeState, *, kernels: str,
-                use_sampling: bool, num_steps: int, eos_ids: tuple[int, ...]
-                ) -> tuple[PagedKVCache, DecodeState, jax.Array]:
+                use_sampling: bool, num_steps: int, eos_ids: tuple[int, ...],
+                unroll_layers: bool = False) -> tuple[PagedKVCache, DecodeState, jax.Array]:
     """Generate `num_steps` tokens per row; returns tokens [num_steps, B] (-1 once a row stops)."""
     model = nnx.merge(graphdef, params)
     page_size = cache.page_size
@@ -91,7 +92,8 @@ def decode_step(graphdef, params, cache: PagedKVCache, state: DecodeState, *, ke
         slot = jnp.where(st.active & (pos < width * page_size), page * page_size + pos % page_size, -1)
         seq_lens = jnp.where(st.active, pos + 1, 0)
         hidden, cache = model(st.tokens[:, None], pos[:, None], cache, st.block_tables,
-                              seq_lens, slot[:, None], kernels=kernels)
+                              seq_lens, slot[:, None], kernels=kernels,
+                              unroll_layers=unroll_layers)
         logits = model.logits(hidden[:, 0])
         nxt = sample(logits, st.sampling, st.keys, pos + 1, use_sampling=use_sampling)
         nxt = jnp.where(st.active, nxt, -1)
@@ -180,7 +182,8 @@ class Runner:
             seq_lens=self._put(lens, ("batch",)), logit_index=self._put(idx, ("batch",)),
             sampling=self._put_sampling(s), keys=self._put(kd, ("batch", None)))
         use_sampling = s.uses_sampling()
-        fn = _partial(prefill_step, self.graphdef, kernels=eng.kernels, use_sampling=use_sampling)
+        fn = _partial(prefill_step, self.graphdef, kernels=eng.kernels, use_sampling=use_sampling,
+                      unroll_layers=eng.unroll_layers)
         exe = self._executable(("prefill", b, t, w, use_sampling), fn,
                                (self.params, cache, inputs))
         return exe(self.params, cache, inputs)
@@ -224,7 +227,8 @@ class Runner:
         steps = num_steps or eng.decode_steps
         b, w = state.block_tables.shape
         fn = _partial(decode_step, self.graphdef, kernels=eng.kernels, use_sampling=use_sampling,
-                      num_steps=steps, eos_ids=self.model_cfg.eos_token_ids)
+                      num_steps=steps, eos_ids=self.model_cfg.eos_token_ids,
+                      unroll_layers=eng.unroll_layers)
         exe = self._executable(("decode", b, w, steps, use_sampling), fn,
                                (self.params, cache, state))
         return exe(self.params, cache, state)

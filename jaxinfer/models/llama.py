@@ -112,6 +112,7 @@ class Llama(nnx.Module):
         slots: jax.Array,  # [B, T] int32 flat cache slot per token, < 0 for padding
         *,
         kernels: Kernels = "reference",
+        unroll_layers: bool = False,
     ) -> tuple[jax.Array, PagedKVCache]:
         """Run the decoder; returns the final-normed hidden states [B, T, D] and the cache."""
         cfg = self.cfg
@@ -126,7 +127,8 @@ class Llama(nnx.Module):
             return (x, cache), None
 
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (self.layers.weights(), layer_ids))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (self.layers.weights(), layer_ids),
+                                     unroll=unroll_layers)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
