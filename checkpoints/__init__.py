@@ -1,0 +1,10 @@
+"""Hugging Face checkpoints -> jaxinfer params: config mapping, weight readers, orbax format.
+
+`load_model_config` and `load_params` accept either a Hugging Face directory or one written by
+`python -m checkpoints.convert`; both place every parameter straight into its sharding.
+"""
+
+from checkpoints.hf_config import model_config_from_hf
+from checkpoints.load import load_model_config, load_params
+
+__all__ = ["load_model_config", "load_params", "model_config_from_hf"]

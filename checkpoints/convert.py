@@ -1,0 +1,164 @@
+"""`python -m checkpoints.convert`: a Hugging Face directory -> a jaxinfer checkpoint directory.
+
+    python -m checkpoints.convert --hf-dir DIR --out DIR [--dtype bfloat16|float16|float32]
+        [--quant none|int8|fp8] [--allow-pickle] [--overwrite] [-v]
+
+Writes orbax params, `jaxinfer_config.json`, `jaxinfer_checkpoint.json` and copies the
+tokenizer files. Everything is validated (config, tensor names, shapes, dtypes) before anything
+is written. Errors are one line on stderr, `checkpoints.convert: error: <message>`, with exit
+status 1 (2 for usage errors); success prints one summary line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from checkpoints import llama
+from checkpoints.dtypes import PARAM_DTYPES, dtype_name
+from checkpoints.hf_config import model_config_from_hf
+from checkpoints.orbax_io import (CHECKPOINT_FILE, CONFIG_FILE, PARAMS_DIR, CheckpointInfo,
+                                  save_params, to_host_array, write_checkpoint_info)
+from checkpoints.safetensors_io import open_weights
+from jaxinfer.errors import CheckpointError, JaxinferError
+
+logger = logging.getLogger(__name__)
+
+PROG = "checkpoints.convert"
+# Copied as-is so the converted directory is self-contained for tokenization and generation.
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "generation_config.json", "config.json", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja",
+)
+QUANT_NOT_READY = ("{prog}: --quant {quant} is not available yet (quantized kernels land with "
+                   "the kernels issue)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error of this tool (argparse's default adds the usage).
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"python -m {PROG}",
+                description="Convert a Hugging Face Llama/Mistral/Qwen2 directory to jaxinfer's "
+                            "orbax checkpoint format.")
+    p.add_argument("--hf-dir", required=True, type=Path, help="Hugging Face model directory")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--dtype", default="bfloat16", choices=list(PARAM_DTYPES),
+                   help="parameter dtype to store (default: bfloat16)")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "fp8"],
+                   help="weight quantization (only 'none' for now)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pytorch_model.bin pickle weights (unpickling can run code)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing a previous conversion")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    return p
+
+
+def _check_dirs(hf_dir: Path, out: Path, *, overwrite: bool) -> None:
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"--hf-dir {hf_dir}: no such directory")
+    if (hf_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"--hf-dir {hf_dir}: already a converted jaxinfer checkpoint")
+    if out.exists():
+        if not out.is_dir():
+            raise CheckpointError(f"--out {out}: exists and is not a directory")
+        if out.resolve() == hf_dir.resolve():
+            raise CheckpointError(f"--out {out}: must differ from --hf-dir")
+        if any(out.iterdir()) and not overwrite:
+            raise CheckpointError(f"--out {out}: directory exists and is not empty "
+                                  "(pass --overwrite to replace its checkpoint)")
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove what an earlier conversion wrote; leave anything else in the directory alone."""
+    # The config marker goes first, so an interrupted overwrite never looks complete.
+    for name in (CONFIG_FILE, CHECKPOINT_FILE, *COPIED_FILES):
+        (out / name).unlink(missing_ok=True)
+    if (out / PARAMS_DIR).exists():
+        shutil.rmtree(out / PARAMS_DIR)
+
+
+def convert(hf_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
+            allow_pickle: bool = False, overwrite: bool = False,
+            show_progress: bool = True) -> str:
+    """Convert `hf_dir` into `out`; returns the summary line.
+
+    The whole model is held in host memory once, because orbax writes the tree in one call.
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    hf_dir, out, dtype = Path(hf_dir), Path(out), dtype_name(dtype)
+    _check_dirs(hf_dir, out, overwrite=overwrite)
+    cfg = model_config_from_hf(hf_dir)
+    reader = open_weights(hf_dir, allow_pickle=allow_pickle)
+    llama.check_tensors(reader, cfg)  # before the progress bar, so errors stay one line
+
+    params: dict = {}
+    with tqdm(total=llama.num_hf_tensors(cfg), desc="converting", unit="tensor",
+              file=sys.stderr, disable=not show_progress) as bar:
+        for path, value in llama.iter_params(reader, cfg, dtype=dtype,
+                                             on_tensor=lambda _: bar.update()):
+            # Move each parameter off numpy now, so saving never holds two copies of the model.
+            llama.set_path(params, path, to_host_array(value))
+            del value
+
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
+    save_params(out, params)
+    shapes = {"/".join(p): list(s) for p, s in llama.param_shapes(cfg).items()}
+    write_checkpoint_info(out, CheckpointInfo(dtype=dtype, quant="none", params=shapes))
+    copied = [name for name in COPIED_FILES if (hf_dir / name).is_file()]
+    for name in copied:
+        shutil.copyfile(hf_dir / name, out / name)
+    # Written last: its presence is what marks the directory as a finished conversion.
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2) + "\n", encoding="utf-8")
+    logger.info("copied %s", ", ".join(copied) or "no tokenizer files")
+    return (f"converted {hf_dir} -> {out}: {cfg.family}, {cfg.num_params / 1e6:.2f}M params, "
+            f"{llama.num_hf_tensors(cfg)} tensors, {dtype}, {time.perf_counter() - start:.1f}s")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quant != "none":
+        print(QUANT_NOT_READY.format(prog=PROG, quant=args.quant), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    if args.verbose:  # our own progress only; orbax's INFO logs are a flood
+        for name in ("checkpoints", "jaxinfer"):
+            logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        summary = convert(args.hf_dir, args.out, dtype=args.dtype,
+                          allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+    except (JaxinferError, OSError) as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    import jax
+
+    # Conversion is host work: keep JAX (and its memory preallocation) off any accelerator.
+    # Only here, before JAX starts; main() may be called in a process already using a GPU.
+    jax.config.update("jax_platforms", "cpu")
+    sys.exit(main())
