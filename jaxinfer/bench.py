@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 
 def git_sha() -> str:
+    """The checkout's commit; JAXINFER_GIT_SHA wins (a copied tree may have no .git)."""
+    if os.environ.get("JAXINFER_GIT_SHA"):
+        return os.environ["JAXINFER_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
