@@ -79,7 +79,7 @@ class Generator:
                  ) -> list[Completion]:
         """Generate for every prompt (token ids); returns one Completion per prompt."""
         self._validate(prompts, max_new_tokens)
-        n, eng, runner = len(prompts), self.engine_cfg, self.runner
+        n, eng = len(prompts), self.engine_cfg
         sampling = sampling or SamplingParams.make(n)
         keys = row_keys(np.arange(n) if seeds is None else seeds)
         use_sampling = sampling.uses_sampling()

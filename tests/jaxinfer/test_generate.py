@@ -29,7 +29,7 @@ def gen():
 
 
 def test_batch_equals_alone_and_no_recompile(gen):
-    prompts = [[256, 72, 105], list(range(256, 256)) + [256] + list(range(40, 77)), [256, 9]]
+    prompts = [[256, 72, 105], [256] + list(range(40, 77)), [256, 9]]
     alone = [gen.generate([p], max_new_tokens=13)[0].token_ids for p in prompts]
     compiles = gen.runner.num_compiles
     batch = [c.token_ids for c in gen.generate(prompts, max_new_tokens=13)]
