@@ -1,4 +1,8 @@
-"""`python -m jaxinfer.bench`: end-to-end generation benchmark (STYLE.md rule 17).
+"""`python -m jaxinfer.bench [generate|kernels|serving]`: benchmarks (STYLE.md rule 17).
+
+`generate` (the default) is the end-to-end generation benchmark below; `kernels` times the Pallas
+kernels beside their anchors (`jaxinfer/kernel_bench/`); `serving` drives a running gRPC server
+with Poisson arrivals (`serve/loadgen.py`).
 
 One JSON object per measurement on stdout; an aligned summary table on stderr. For each batch
 size it runs prefill of `--prompt-len` random tokens and `--gen-len` greedy tokens (EOS ignored,
@@ -210,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "kernels":
+        from jaxinfer.kernel_bench import main as kernels_main
+        return kernels_main(argv[1:])
+    if argv and argv[0] == "serving":
+        # The load generator is a gRPC client of the server, so it lives beside the protos.
+        from serve.loadgen import main as serving_main
+        return serving_main(argv[1:])
+    if argv and argv[0] == "generate":
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:

@@ -21,6 +21,8 @@ DTypeName = Literal["bfloat16", "float16", "float32"]
 
 FAMILIES = ("llama", "mistral", "qwen2")
 DTYPES = ("bfloat16", "float16", "float32")
+# KV cache dtypes: the float ones, or 8-bit with per-page-per-head float32 scales.
+CACHE_DTYPES = DTYPES + ("int8", "float8_e4m3fn")
 KERNELS = ("reference", "pallas")
 
 
@@ -154,7 +156,7 @@ class EngineConfig:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # B
     decode_steps: int = 8  # decode steps per device dispatch (lax.scan), one host sync each
     dtype: DTypeName = "bfloat16"  # weights and activations
-    cache_dtype: DTypeName | None = None  # KV cache; None = same as dtype
+    cache_dtype: str | None = None  # KV cache, one of CACHE_DTYPES; None = same as dtype
     kernels: Kernels = "reference"
     # Unroll the layer scan: static weight slices instead of a while loop (faster on GPU when
     # XLA would otherwise copy each layer's weights out of the stacked arrays).
@@ -172,8 +174,9 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be strictly increasing positive ints, got {b}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.cache_dtype is not None and self.cache_dtype not in DTYPES:
-            raise ConfigError(f"cache_dtype must be one of {DTYPES}, got {self.cache_dtype!r}")
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(
+                f"cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
 

@@ -13,9 +13,15 @@ import jax.numpy as jnp
 _MASKED = -1e30  # finite, so a row with no visible key gives zeros, not NaN
 
 
-def gather_pages(pages: jax.Array, layer: jax.Array | int, block_tables: jax.Array) -> jax.Array:
-    """Contiguous keys [B, S, K, H] (S = W * G) of each sequence from pages [L, K, P, G, H]."""
+def gather_pages(pages: jax.Array, layer: jax.Array | int, block_tables: jax.Array,
+                 scales: jax.Array | None = None) -> jax.Array:
+    """Contiguous keys [B, S, K, H] (S = W * G) of each sequence from pages [L, K, P, G, H].
+
+    With `scales` [L, K, P] (an int8/fp8 cache) the pages are dequantized to float32."""
     x = pages[layer, :, block_tables]  # [B, W, K, G, H]: advanced indices first
+    if scales is not None:
+        s = scales[layer, :, block_tables]  # [B, W, K]
+        x = x.astype(jnp.float32) * s[..., None, None]
     b, w, k, g, h = x.shape
     return x.transpose(0, 1, 3, 2, 4).reshape(b, w * g, k, h)
 
@@ -29,14 +35,19 @@ def paged_attention_reference(
     seq_lens: jax.Array,  # [B] int32 tokens in the cache for each sequence, this step included
     positions: jax.Array,  # [B, T] int32 position of each query
     *,
+    k_scale: jax.Array | None = None,  # [L, K, P] float32 per-page-per-head scales (int8/fp8)
+    v_scale: jax.Array | None = None,  # [L, K, P] float32
     scale: float,
     sliding_window: int | None = None,
 ) -> jax.Array:
     """Causal attention of new queries over their sequence's pages; returns [B, T, N, H] in
-    q's dtype. Logits and softmax run in float32."""
+    q's dtype. Logits and softmax run in float32. A quantized cache (int8 or float8_e4m3fn
+    pages) is dequantized as `pages * scale[layer, head, page]`."""
     b, t, n, h = q.shape
-    k = gather_pages(k_pages, layer, block_tables)  # [B, S, K, H]
-    v = gather_pages(v_pages, layer, block_tables)
+    k = gather_pages(k_pages, layer, block_tables, k_scale)  # [B, S, K, H]
+    v = gather_pages(v_pages, layer, block_tables, v_scale)
+    if k_scale is not None:
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     kv_heads = k.shape[2]
     s = k.shape[1]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)

@@ -77,17 +77,19 @@ def _layer(cfg: ModelConfig, kernels: Kernels, w: dict[str, jax.Array], layer: j
     q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
     k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-    k_pages, v_pages = ops.write_kv(cache.k, cache.v, layer, k, v, slots, kernels=kernels)
+    k_pages, v_pages, k_scale, v_scale = ops.write_kv(
+        cache.k, cache.v, cache.k_scale, cache.v_scale, layer, k, v, slots, kernels=kernels)
     attn = ops.paged_attention(
         q, k_pages, v_pages, layer, block_tables, seq_lens, positions,
-        scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window, kernels=kernels)
+        k_scale=k_scale, v_scale=v_scale, scale=cfg.head_dim ** -0.5,
+        sliding_window=cfg.sliding_window, kernels=kernels)
     x = x + constrain(jnp.einsum("btnh,nhd->btd", attn, w["wo"]), ("batch", "seq", "embed"))
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("btd,df->btf", h, w["w_gate"])
     up = jnp.einsum("btd,df->btf", h, w["w_up"])
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "ffn"))
     x = x + constrain(jnp.einsum("btf,fd->btd", act, w["w_down"]), ("batch", "seq", "embed"))
-    return x, PagedKVCache(k=k_pages, v=v_pages, k_scale=cache.k_scale, v_scale=cache.v_scale)
+    return x, PagedKVCache(k=k_pages, v=v_pages, k_scale=k_scale, v_scale=v_scale)
 
 
 class Llama(nnx.Module):

@@ -101,7 +101,6 @@ def test_cli_json_contract():
 
 @pytest.mark.parametrize("args,needle", [
     (("--model", "no-such-model"), "neither a directory nor a preset"),
-    (("--model", "dummy", "--kernels", "pallas"), "not available yet"),
     (("--model", "dummy", "--prompt-ids", "1,x"), "comma-separated integers"),
     (("--model", "dummy", "--prompt-ids", "1,2", "--temperature", "-1"), "temperature"),
     (("--model", "dummy", "--mesh", "tp=64"), "needs 64 devices"),
