@@ -23,3 +23,7 @@ class RequestError(JaxinferError, ValueError):
 
 class CapacityError(JaxinferError):
     """The engine is out of a resource (pages, slots); the caller requeues, never crashes."""
+
+
+class UnavailableError(JaxinferError):
+    """The engine is not accepting work now (warming up, draining, stopped): gRPC UNAVAILABLE."""
