@@ -1,12 +1,16 @@
 """`python -m checkpoints.convert`: a Hugging Face directory -> a jaxinfer checkpoint directory.
 
     python -m checkpoints.convert --hf-dir DIR --out DIR [--dtype bfloat16|float16|float32]
-        [--quant none|int8|fp8] [--allow-pickle] [--overwrite] [-v]
+        [--quant none|int8|int8-g64|int8-g128|fp8] [--allow-pickle] [--overwrite] [-v]
 
 Writes orbax params, `jaxinfer_config.json`, `jaxinfer_checkpoint.json` and copies the
-tokenizer files. Everything is validated (config, tensor names, shapes, dtypes) before anything
-is written. Errors are one line on stderr, `checkpoints.convert: error: <message>`, with exit
-status 1 (2 for usage errors); success prints one summary line on stdout.
+tokenizer files. `--quant` quantizes the weights offline (`jaxinfer/quant.py`: int8 per output
+channel, int8 with groups of 64/128 along the contraction dim, or fp8 e4m3 per channel), from
+float32 copies of the HF tensors; everything else is stored in `--dtype`. The mode is recorded
+in `jaxinfer_checkpoint.json`, and `jaxinfer.generate --model OUT` loads it quantized.
+Everything is validated (config, tensor names, shapes, dtypes) before anything is written.
+Errors are one line on stderr, `checkpoints.convert: error: <message>`, with exit status 1 (2 for
+usage errors); success prints one summary line on stdout.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from pathlib import Path
 from typing import NoReturn
 
 from checkpoints import llama
-from checkpoints.dtypes import PARAM_DTYPES, dtype_name
+from checkpoints.dtypes import PARAM_DTYPES, dtype_name, to_numpy_dtype
 from checkpoints.hf_config import model_config_from_hf
 from checkpoints.orbax_io import (CHECKPOINT_FILE, CONFIG_FILE, PARAMS_DIR, CheckpointInfo,
                                   save_params, to_host_array, write_checkpoint_info)
+from checkpoints.quantize import layout as quant_layout
+from checkpoints.quantize import quantize_host, stored_shapes
 from checkpoints.safetensors_io import open_weights
 from jaxinfer.errors import CheckpointError, JaxinferError
+from jaxinfer.quant import QUANT_MODES, parse_quant
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +45,6 @@ COPIED_FILES = (
     "generation_config.json", "config.json", "vocab.json", "merges.txt", "added_tokens.json",
     "chat_template.jinja",
 )
-QUANT_NOT_READY = ("{prog}: --quant {quant} is not available yet (quantized kernels land with "
-                   "the kernels issue)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--dtype", default="bfloat16", choices=list(PARAM_DTYPES),
                    help="parameter dtype to store (default: bfloat16)")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "fp8"],
-                   help="weight quantization (only 'none' for now)")
+    p.add_argument("--quant", default="none", choices=list(QUANT_MODES),
+                   help="weight quantization: int8 (per channel), int8-g64/int8-g128 "
+                        "(group-wise), fp8 (e4m3 weights, W8A8 at run time); default none")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin pickle weights (unpickling can run code)")
     p.add_argument("--overwrite", action="store_true",
@@ -92,43 +98,56 @@ def _clear_previous(out: Path) -> None:
 
 
 def convert(hf_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
-            allow_pickle: bool = False, overwrite: bool = False,
+            quant: str = "none", allow_pickle: bool = False, overwrite: bool = False,
             show_progress: bool = True) -> str:
     """Convert `hf_dir` into `out`; returns the summary line.
 
     The whole model is held in host memory once, because orbax writes the tree in one call.
+    With `quant`, each weight to quantize is read as float32 (one stacked weight at a time).
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
     hf_dir, out, dtype = Path(hf_dir), Path(out), dtype_name(dtype)
+    spec = parse_quant(quant)
     _check_dirs(hf_dir, out, overwrite=overwrite)
     cfg = model_config_from_hf(hf_dir)
     reader = open_weights(hf_dir, allow_pickle=allow_pickle)
     llama.check_tensors(reader, cfg)  # before the progress bar, so errors stay one line
+    weights = quant_layout(cfg, quant)
+    quant_name = spec.name if spec else "none"
+    shapes = {"/".join(p): list(s) for p, s in stored_shapes(cfg, quant_name)[0].items()}
+    np_dtype = to_numpy_dtype(dtype)
 
     params: dict = {}
     with tqdm(total=llama.num_hf_tensors(cfg), desc="converting", unit="tensor",
               file=sys.stderr, disable=not show_progress) as bar:
-        for path, value in llama.iter_params(reader, cfg, dtype=dtype,
+        for path, value in llama.iter_params(reader, cfg, dtype="float32" if spec else dtype,
                                              on_tensor=lambda _: bar.update()):
             # Move each parameter off numpy now, so saving never holds two copies of the model.
-            llama.set_path(params, path, to_host_array(value))
+            if path in weights:  # quantized from float32 on the CPU device
+                b, c = weights[path]
+                q, scale = quantize_host(value, spec, batch=b, contract=c)
+                llama.set_path(params, (*path, "q"), q)
+                llama.set_path(params, (*path, "scale"), scale)
+            else:
+                llama.set_path(params, path, to_host_array(value.astype(np_dtype, copy=False)))
             del value
 
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
     save_params(out, params)
-    shapes = {"/".join(p): list(s) for p, s in llama.param_shapes(cfg).items()}
-    write_checkpoint_info(out, CheckpointInfo(dtype=dtype, quant="none", params=shapes))
+    write_checkpoint_info(out, CheckpointInfo(dtype=dtype, quant=quant_name, params=shapes))
     copied = [name for name in COPIED_FILES if (hf_dir / name).is_file()]
     for name in copied:
         shutil.copyfile(hf_dir / name, out / name)
     # Written last: its presence is what marks the directory as a finished conversion.
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2) + "\n", encoding="utf-8")
     logger.info("copied %s", ", ".join(copied) or "no tokenizer files")
+    quant_note = f", {quant_name} weights" if spec else ""
     return (f"converted {hf_dir} -> {out}: {cfg.family}, {cfg.num_params / 1e6:.2f}M params, "
-            f"{llama.num_hf_tensors(cfg)} tensors, {dtype}, {time.perf_counter() - start:.1f}s")
+            f"{llama.num_hf_tensors(cfg)} tensors, {dtype}{quant_note}, "
+            f"{time.perf_counter() - start:.1f}s")
 
 
 def _one_line(e: BaseException) -> str:
@@ -137,16 +156,13 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quant != "none":
-        print(QUANT_NOT_READY.format(prog=PROG, quant=args.quant), file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s",
                         stream=sys.stderr)
     if args.verbose:  # our own progress only; orbax's INFO logs are a flood
         for name in ("checkpoints", "jaxinfer"):
             logging.getLogger(name).setLevel(logging.INFO)
     try:
-        summary = convert(args.hf_dir, args.out, dtype=args.dtype,
+        summary = convert(args.hf_dir, args.out, dtype=args.dtype, quant=args.quant,
                           allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     except (JaxinferError, OSError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)

@@ -5,6 +5,10 @@ restored by orbax with a sharded target, and a Hugging Face directory is assembl
 parameter at a time on the host and handed to `jax.make_array_from_callback`, which gives each
 addressable device only its own slice. Host memory therefore peaks at about one parameter (the
 largest, usually the embedding), not the model.
+
+A directory converted with `--quant` holds QuantArrays (`jaxinfer/quant.py`); `load_params`
+restores them as such when given the matching quantized shardings (`checkpoint_quant` says
+which quantization a directory holds).
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ import numpy as np
 from checkpoints import llama
 from checkpoints.dtypes import to_numpy_dtype
 from checkpoints.hf_config import model_config_from_hf
-from checkpoints.orbax_io import CONFIG_FILE, flatten, restore_params, unflatten
+from checkpoints.orbax_io import (CONFIG_FILE, flatten, read_checkpoint_info, restore_params,
+                                  unflatten)
+from checkpoints.quantize import stored_shapes
 from checkpoints.safetensors_io import open_weights
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError, ConfigError
+from jaxinfer.models.llama import quantized_weights
+from jaxinfer.quant import join_quant, parse_quant, split_quant
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +63,14 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     if (model_dir / "config.json").is_file():
         return model_config_from_hf(model_dir)
     raise _not_a_model_dir(model_dir)
+
+
+def checkpoint_quant(model_dir: str | Path) -> str:
+    """The quantization a model directory holds: "none" for Hugging Face and float ones."""
+    if not is_converted(model_dir):
+        return "none"
+    info = read_checkpoint_info(model_dir)
+    return "none" if info is None else info.quant
 
 
 def _check_shardings(shardings: dict, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> None:
@@ -93,17 +109,25 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, *, dtype: Any, sharding
       cfg: the model config (normally `load_model_config(model_dir)`).
       dtype: parameter dtype ("bfloat16", "float16", "float32" or a numpy/jnp dtype).
       shardings: pure dict of `NamedSharding`, the structure of the model's params, e.g.
-        `sharding.tree_shardings(mesh, llama.param_axes(llama.abstract_model(cfg)))`.
+        `sharding.tree_shardings(mesh, llama.param_axes(llama.abstract_model(cfg)))`; for a
+        quantized checkpoint, with QuantArrays of shardings at the quantized weights
+        (`jaxinfer.model_loader.param_shardings(..., spec)`).
       allow_pickle: accept `pytorch_model.bin` weights (unpickling can run code).
     """
     model_dir = Path(model_dir)
     np_dtype = to_numpy_dtype(dtype)
-    shapes = llama.param_shapes(cfg)
+    quant = checkpoint_quant(model_dir)
+    shapes, fixed = stored_shapes(cfg, quant)
+    shardings = split_quant(shardings)
     _check_shardings(shardings, shapes)
     start = time.perf_counter()
     if is_converted(model_dir):
-        params = restore_params(model_dir, shapes, dtype=np_dtype, shardings=shardings)
-        kind = "converted"
+        params = restore_params(model_dir, shapes, dtype=np_dtype, shardings=shardings,
+                                fixed_dtypes=fixed)
+        spec = parse_quant(quant)
+        if spec is not None:
+            params = join_quant(params, quantized_weights(cfg, spec.kind), spec)
+        kind = "converted" if spec is None else f"converted {quant}"
     elif (model_dir / "config.json").is_file():
         params = _load_hf(model_dir, cfg, dtype=np_dtype, shardings=shardings,
                           allow_pickle=allow_pickle)

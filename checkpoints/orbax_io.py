@@ -4,6 +4,10 @@
     <dir>/jaxinfer_config.json      ModelConfig.to_json()
     <dir>/jaxinfer_checkpoint.json  {"format_version", "dtype", "quant", "params": {path: shape}}
 
+A quantized checkpoint (`quant` other than "none", see `jaxinfer/quant.py`) stores each
+quantized weight as two entries, `<path>/q` (int8 or float8_e4m3fn) and `<path>/scale`
+(float32); they are restored in their stored dtypes, never cast.
+
 Restoring hands orbax a target tree of `jax.ShapeDtypeStruct(..., sharding=...)`, so every
 device reads only its own shards and the whole model never sits on one device or host. Orbax
 is the part of the stack most likely to change between versions, so all calls into it are in
@@ -22,7 +26,8 @@ import jax
 import numpy as np
 
 from checkpoints.dtypes import dtype_name, to_numpy_dtype
-from jaxinfer.errors import CheckpointError
+from jaxinfer.errors import CheckpointError, ConfigError
+from jaxinfer.quant import parse_quant
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +117,10 @@ def read_checkpoint_info(model_dir: str | Path) -> CheckpointInfo | None:
     if info.format_version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {info.format_version} is newer than this "
                               f"jaxinfer reads ({FORMAT_VERSION}); upgrade jaxinfer")
-    if info.quant != "none":
-        raise CheckpointError(f"{path}: quant {info.quant!r} is not supported yet")
+    try:
+        parse_quant(info.quant)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return info
 
 
@@ -156,14 +163,18 @@ def _check_shapes(info: CheckpointInfo, expected: dict, where: Path) -> None:
 
 
 def restore_params(model_dir: str | Path, shapes: dict[tuple[str, ...], tuple[int, ...]], *,
-                   dtype: Any, shardings: dict) -> dict:
+                   dtype: Any, shardings: dict,
+                   fixed_dtypes: dict[tuple[str, ...], Any] | None = None) -> dict:
     """Restore `model_dir/params` straight into `shardings`, cast to `dtype`.
 
     Args:
       shapes: expected shape of every parameter, keyed by path (from the model config).
       dtype: parameter dtype wanted.
       shardings: pure dict of NamedSharding, the same structure as the params.
+      fixed_dtypes: paths restored in exactly this dtype and never cast (quantized weights
+        and their scales).
     """
+    fixed = {p: np.dtype(d) for p, d in (fixed_dtypes or {}).items()}
     model_dir = Path(model_dir).resolve()
     path = model_dir / PARAMS_DIR
     if not path.is_dir():
@@ -177,7 +188,7 @@ def restore_params(model_dir: str | Path, shapes: dict[tuple[str, ...], tuple[in
     # versions; a cast in JAX is the same everywhere. Without info, ask orbax for `dtype`.
     stored = to_numpy_dtype(info.dtype) if info else want
     flat_shardings = flatten(shardings)
-    target = unflatten({p: jax.ShapeDtypeStruct(shapes[p], stored, sharding=s)
+    target = unflatten({p: jax.ShapeDtypeStruct(shapes[p], fixed.get(p, stored), sharding=s)
                         for p, s in flat_shardings.items()})
     try:
         restored = _orbax_restore(path, target)
@@ -188,6 +199,8 @@ def restore_params(model_dir: str | Path, shapes: dict[tuple[str, ...], tuple[in
     logger.info("casting params from %s to %s", dtype_name(stored), dtype_name(want))
     flat = flatten(restored)
     for p, x in flat.items():
+        if p in fixed:
+            continue
         cast = jax.jit(lambda a: a.astype(want), out_shardings=flat_shardings[p])
         flat[p] = cast(x)
         x.delete()  # free the stored-dtype copy before casting the next parameter

@@ -23,6 +23,7 @@ from jaxinfer.errors import CapacityError
 
 CACHE_AXES = ("layers", "kv_heads", "pages", "page_size", "head_dim")
 SCALE_AXES = ("layers", "kv_heads", "pages")
+QUANTIZED_CACHE_DTYPES = ("int8", "float8_e4m3fn")
 
 
 @jax.tree_util.register_dataclass
@@ -49,23 +50,47 @@ def cache_shape(model: ModelConfig, engine: EngineConfig) -> tuple[int, ...]:
     return (model.num_layers, model.num_kv_heads, engine.num_pages, engine.page_size, model.head_dim)
 
 
+def is_quantized(engine: EngineConfig) -> bool:
+    """An int8/fp8 cache: pages hold 8-bit values with float32 per-page-per-head scales."""
+    return engine.kv_dtype in QUANTIZED_CACHE_DTYPES
+
+
+def scale_shape(model: ModelConfig, engine: EngineConfig) -> tuple[int, ...]:
+    return (model.num_layers, model.num_kv_heads, engine.num_pages)
+
+
 def abstract_cache(model: ModelConfig, engine: EngineConfig) -> PagedKVCache:
     sds = jax.ShapeDtypeStruct(cache_shape(model, engine), jnp.dtype(engine.kv_dtype))
-    return PagedKVCache(k=sds, v=sds)
+    if not is_quantized(engine):
+        return PagedKVCache(k=sds, v=sds)
+    scales = jax.ShapeDtypeStruct(scale_shape(model, engine), jnp.float32)
+    return PagedKVCache(k=sds, v=sds, k_scale=scales, v_scale=scales)
 
 
-def cache_axes() -> PagedKVCache:
-    """The cache's logical axes, as a pytree matching `PagedKVCache`."""
-    return PagedKVCache(k=CACHE_AXES, v=CACHE_AXES)
+def cache_axes(engine: EngineConfig | None = None) -> PagedKVCache:
+    """The cache's logical axes, as a pytree matching `PagedKVCache` (with scale leaves when
+    `engine` asks for a quantized cache)."""
+    if engine is None or not is_quantized(engine):
+        return PagedKVCache(k=CACHE_AXES, v=CACHE_AXES)
+    return PagedKVCache(k=CACHE_AXES, v=CACHE_AXES, k_scale=SCALE_AXES, v_scale=SCALE_AXES)
 
 
 def init_cache(model: ModelConfig, engine: EngineConfig, shardings: PagedKVCache | None = None
                ) -> PagedKVCache:
-    """A zeroed cache, created directly in its target sharding (never whole on one device)."""
+    """A zeroed cache, created directly in its target sharding (never whole on one device).
+    A quantized cache starts with zero scales: every page is written fresh before it is read."""
     shape, dtype = cache_shape(model, engine), jnp.dtype(engine.kv_dtype)
     make = jax.jit(lambda: jnp.zeros(shape, dtype),
                    out_shardings=None if shardings is None else shardings.k)
-    return PagedKVCache(k=make(), v=make())
+    if not is_quantized(engine):
+        return PagedKVCache(k=make(), v=make())
+    if shardings is not None and shardings.k_scale is None:
+        raise ValueError("a quantized cache needs scale shardings: build them from "
+                         "cache_axes(engine)")
+    sshape = scale_shape(model, engine)
+    make_scale = jax.jit(lambda: jnp.zeros(sshape, jnp.float32),
+                         out_shardings=None if shardings is None else shardings.k_scale)
+    return PagedKVCache(k=make(), v=make(), k_scale=make_scale(), v_scale=make_scale())
 
 
 def pages_needed(num_tokens: int, page_size: int) -> int:

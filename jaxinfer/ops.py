@@ -5,6 +5,17 @@ CPU with the references and on GPU with the kernels, chosen by `EngineConfig.ker
 `kernels="pallas"` on a CPU backend the kernels run in Pallas interpret mode (slow, exact), which
 is how CI checks them.
 
+Weight matmuls (`linear`): a plain array runs as an XLA dot, exactly the einsum it replaces; a
+`QuantArray` runs the quantized kernel (`pallas_kernels.qmatmul`) or its reference. With
+kernels="pallas" the Pallas kernel takes the weight-streaming regime, M (tokens in the matmul)
+up to `QMATMUL_KERNEL_MAX_M`; larger M goes to the XLA form, which measured faster there on
+an H100 (fp8, M = 4096, K = N = 8192: XLA's fp8 dot runs cuBLASLt at 1290 TFLOP/s, our Triton
+tile at 500; int8, K = 4096, N = 14336: XLA convert+dot 45 us at M = 128 and 72 us at M = 256,
+our kernel 56 and 80 us). The Pallas kernel is used only where no mesh
+axis is partitioned automatically (one device, or only the runner's manual dp/pp axes): a
+pallas_call is not partitioned by GSPMD, so under tensor parallelism the XLA form (which XLA
+partitions) is the right choice until the kernels are wrapped in shard_map over tp.
+
 Attention routing: a step with at most `DECODE_MAX_T` new tokens per sequence (decode and
 speculative verification) goes to the paged decode kernel (flash-decoding, split over the
 sequence); longer steps (prefill chunks) go to the flash prefill kernel. Both read the same paged
@@ -13,13 +24,23 @@ cache, so chunked prefill and prefix-cache hits need nothing special.
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 
 from jaxinfer.config import KERNELS, Kernels
 from jaxinfer.errors import ConfigError
+from jaxinfer.quant import QuantArray, matmul_operands, output_shape
 from pallas_kernels import paged_attention as _paged
+from pallas_kernels import qmatmul as _qmm
 
 DECODE_MAX_T = 8  # query tokens per sequence up to which the decode kernel is used
+# Largest M (batch x tokens) of a quantized matmul that runs the Pallas kernel (see above).
+# int8 on an H100 (K=4096, N=14336): ours 23 us at M = 1..16 and 46 us at M = 64, XLA's
+# convert+dot 50 / 30 / 38 us at M = 1 / 16 / 64: the crossover is near 32. fp8 decode was not
+# measured separately; it shares the int8 kernel's streaming structure and bound.
+QMATMUL_KERNEL_MAX_M = {"int8": 32, "fp8": 32}
 
 
 def check_kernels(kernels: Kernels) -> None:
@@ -83,3 +104,52 @@ def write_kv(
     k_pages, k_scale = _kv_write.write_pages_quantized(k_pages, k_scale, layer, k, slots)
     v_pages, v_scale = _kv_write.write_pages_quantized(v_pages, v_scale, layer, v, slots)
     return k_pages, v_pages, k_scale, v_scale
+
+
+def _mesh_is_sharded() -> bool:
+    """True when GSPMD partitions the arrays here: an axis of size > 1 that is not manual (inside
+    the runner's shard_map over dp/pp the arrays are already the local blocks)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return False
+    manual = set(getattr(mesh, "manual_axes", ()))
+    return any(size > 1 for name, size in mesh.shape.items() if name not in manual)
+
+
+def linear(
+    x: jax.Array,  # [..., *C] activations
+    w: jax.Array | QuantArray,  # [*C, *O] float weight, or a QuantArray ([L, ...] stacked)
+    *,
+    contract: int = 1,  # how many trailing dims of x (leading dims of w) are contracted
+    kernels: Kernels,
+    layer: jax.Array | int | None = None,  # which layer of a stacked QuantArray
+    out_dtype=None,
+) -> jax.Array:
+    """x @ w over the last `contract` dims of x -> [..., *O] in `out_dtype` (default x's dtype;
+    a float weight keeps XLA's usual result type). A QuantArray runs the int8 or fp8 kernel
+    (kernels="pallas") or the plain-JAX reference, on x flattened to [M, K]; a stacked one
+    (a leading layers axis) is read in place at `layer`, never sliced out of the stack."""
+    check_kernels(kernels)
+    if not isinstance(w, QuantArray):
+        return jnp.tensordot(x, w, axes=contract, preferred_element_type=out_dtype)
+    lead = x.shape[:x.ndim - contract]
+    q, scale = matmul_operands(w, contract)
+    stacked = q.ndim == 3
+    if stacked and layer is None:
+        raise ValueError(f"stacked QuantArray {w.q.shape} needs a layer index")
+    k = q.shape[-1] if w.transposed else q.shape[-2]
+    x2 = x.reshape(math.prod(lead), k)
+    out_dtype = out_dtype or x.dtype
+    use_kernel = (kernels == "pallas" and x2.shape[0] <= QMATMUL_KERNEL_MAX_M[w.kind]
+                  and not _mesh_is_sharded())
+    kw = dict(layer=layer if stacked else None, transposed=w.transposed, out_dtype=out_dtype)
+    if w.kind == "int8":
+        if use_kernel:
+            out = _qmm.int8_matmul(x2, q, scale, group=w.group, **kw, interpret=use_interpret())
+        else:
+            out = _qmm.int8_matmul_reference(x2, q, scale, group=w.group, **kw)
+    elif use_kernel:
+        out = _qmm.fp8_matmul(x2, q, scale, **kw, interpret=use_interpret())
+    else:
+        out = _qmm.fp8_matmul_reference(x2, q, scale, **kw)
+    return out.reshape(*lead, *output_shape(w, contract))

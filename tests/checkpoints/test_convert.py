@@ -79,15 +79,6 @@ def test_convert_end_to_end(hf_copy, tmp_path):
                  _params(out), _params(hf))
 
 
-@pytest.mark.parametrize("quant", ["int8", "fp8"])
-def test_quant_not_available(hf_model, tmp_path, quant):
-    proc = run_cli("--hf-dir", hf_model("llama").path, "--out", tmp_path / "q", "--quant", quant)
-    assert proc.returncode == 2
-    assert proc.stderr == (f"checkpoints.convert: --quant {quant} is not available yet "
-                           "(quantized kernels land with the kernels issue)\n")
-    assert not (tmp_path / "q").exists()
-
-
 @pytest.mark.parametrize("args, fragment", [
     (["--hf-dir", "x"], "--out"),
     (["--hf-dir", "x", "--out", "y", "--dtype", "int4"], "--dtype"),

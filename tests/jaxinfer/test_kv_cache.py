@@ -116,3 +116,34 @@ def test_allocator_random_workload_no_leak():
     for h in held:
         a.free(h)
     assert a.num_free == 64
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
+def test_quantized_cache_has_per_page_per_head_scales(kv_dtype):
+    """An int8/fp8 cache carries float32 k_scale/v_scale [L, K, P] in its abstract shape, its
+    logical axes and the real (sharded) zero cache; a float cache carries none."""
+    from jaxinfer.config import EngineConfig, preset
+    from jaxinfer.kv_cache import abstract_cache, cache_axes, init_cache
+    from sharding.rules import tree_shardings
+
+    model = preset("dummy")
+    engine = EngineConfig(page_size=8, num_pages=16, max_seq_len=64, cache_dtype=kv_dtype)
+    want = (model.num_layers, model.num_kv_heads, 16)
+    abstract = abstract_cache(model, engine)
+    assert abstract.k.dtype == jnp.dtype(kv_dtype)
+    assert abstract.k.shape == (*want, 8, model.head_dim)
+    assert abstract.k_scale.shape == abstract.v_scale.shape == want
+    assert abstract.k_scale.dtype == jnp.float32
+    axes = cache_axes(engine)
+    assert axes.k_scale == axes.v_scale == ("layers", "kv_heads", "pages")
+    mesh = jax.make_mesh((1,), ("tp",), devices=jax.devices()[:1])
+    cache = init_cache(model, engine, tree_shardings(mesh, axes))
+    assert jax.tree.structure(cache) == jax.tree.structure(abstract)
+    for got, spec in zip(jax.tree.leaves(cache), jax.tree.leaves(abstract)):
+        assert got.shape == spec.shape and got.dtype == spec.dtype
+        assert not np.asarray(got.astype(jnp.float32)).any()
+    float_engine = EngineConfig(page_size=8, num_pages=16, max_seq_len=64)
+    plain = init_cache(model, float_engine)
+    assert plain.k_scale is None and cache_axes(float_engine).k_scale is None
+    with pytest.raises(ValueError, match="scale shardings"):
+        init_cache(model, engine, tree_shardings(mesh, cache_axes()))
