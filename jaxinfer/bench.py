@@ -13,13 +13,26 @@ Metrics: compile_s, ttft_ms (prefill of the whole batch + first token), prefill_
 decode_tok_s (generated tokens after the first over decode time), itl_ms (one decode step),
 tok_s (all generated tokens over the whole call, prefill included: DESIGN.md's anchor
 definition), hbm_gbps (weights + KV read per decode step over step time), and roofline_frac
-(hbm_gbps over the measured device copy bandwidth, or --peak-gbps).
+(hbm_gbps over the measured device copy bandwidth, or --peak-gbps; on a mesh, over the
+bandwidth of all its devices, so tp=4 at 0.7 means each device streams its quarter of the
+weights at 70% of its bandwidth; dp replicas re-reading the weights count once).
+
+Mesh sweep: `--meshes "tp=1;tp=2;pp=2;dp=2;tp=2,pp=2"` (or a `;` list in `--mesh`) runs the same
+model on each layout in turn. One model is loaded per mesh and freed (weights, cache, compiled
+steps) before the next, so the sweep needs no more memory than its largest mesh. A mesh that
+needs more devices than present, or that the model cannot be split over, gives a `skipped` row
+and a notice instead of an error, as does a batch size that dp does not divide. Extra metrics
+per mesh: state_gb_per_device (weights + KV cache held by the fullest device, from the arrays'
+shards), hbm_in_use_gb (the fullest device's `memory_stats()`, where the backend has them) and
+decode_speedup (decode tok/s over the first mesh of the sweep at the same batch). The table
+goes to stderr as usual and, when matplotlib is importable, a PNG chart to `--chart`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -34,13 +47,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import EngineConfig, ModelConfig
-from jaxinfer.errors import JaxinferError
-from jaxinfer.kv_cache import PageAllocator, init_cache, pages_needed
+from jaxinfer.config import PRESETS, EngineConfig, ModelConfig
+from jaxinfer.errors import ConfigError, JaxinferError
+from jaxinfer.kv_cache import init_cache, pages_needed
 from jaxinfer.model_loader import load_model
+from jaxinfer.quant import QUANT_MODES
 from jaxinfer.runner import Runner
 from jaxinfer.sampling import SamplingParams, row_keys
-from sharding.mesh import make_mesh
+from sharding import multihost
+from sharding.data_parallel import ReplicaPageAllocator
+from sharding.mesh import MeshSpec, check_model_fits, make_mesh, parse_mesh_list
 
 logger = logging.getLogger(__name__)
 
@@ -116,79 +132,227 @@ def run_once(runner: Runner, cache, page_lists, prompts, gen_len: int, steps: in
     return cache, RunTimes(ttft=t1 - t0, decode=t2 - t1, total=t2 - t0)
 
 
-def bench_generate(args, batch_sizes: list[int]) -> list[dict]:
+def _emit(rows: list[dict], row: dict) -> None:
+    rows.append(row)
+    if multihost.is_coordinator():  # a multi-host run reports once
+        print(json.dumps(row), flush=True)
+
+
+def _skip(rows: list[dict], base: dict, reason: str, batch: int | None = None) -> None:
+    """A `skipped` row (no measurement) and a one-line notice."""
+    print(f"jaxinfer.bench: skipping mesh {base['mesh']}"
+          f"{'' if batch is None else f' batch {batch}'}: {reason}", file=sys.stderr, flush=True)
+    _emit(rows, dict(base, batch=batch, metric="skipped", value=None, unit="", reason=reason))
+
+
+def state_bytes_per_device(trees) -> int:
+    """Bytes of the arrays in `trees` held by the fullest local device (from their shards)."""
+    per: dict = {}
+    for x in jax.tree.leaves(trees):
+        for shard in x.addressable_shards:
+            per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+    return max(per.values(), default=0)
+
+
+def hbm_in_use(devices) -> int | None:
+    """Largest `bytes_in_use` over `devices`; None where the backend keeps no stats (CPU)."""
+    used = []
+    for d in devices:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if stats and "bytes_in_use" in stats:
+            used.append(stats["bytes_in_use"])
+    return max(used) if used else None
+
+
+def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
+               rows: list[dict]) -> None:
+    """Load the model on `spec`, time every batch size that fits, append rows, free it all."""
     dtype = args.dtype
-    mesh = make_mesh(args.mesh)
-    loaded = load_model(args.model, mesh=mesh, dtype=dtype, seed=0)
+    mesh = make_mesh(spec)
+    loaded = load_model(args.model, mesh=mesh, dtype=dtype, seed=0, quant=args.quant)
     cfg = dataclasses.replace(loaded.cfg, eos_token_ids=())  # ignore EOS: fixed-length runs
     seq = args.prompt_len + args.gen_len
-    bmax = max(batch_sizes)
+    runnable = [b for b in batch_sizes if b % spec.dp == 0]
+    base = dict(name="generate", model=args.model, dtype=dtype, quant=loaded.quant,
+                mesh=str(spec), kernels=args.kernels, unroll_layers=args.unroll_layers,
+                decode_steps=args.decode_steps, prompt_len=args.prompt_len,
+                gen_len=args.gen_len, device=device_name(), num_devices=spec.size,
+                jax_version=jax.__version__, git_sha=git_sha())
+    for b in batch_sizes:
+        if b % spec.dp:
+            _skip(rows, base, f"batch {b} is not a multiple of dp={spec.dp}", batch=b)
+    if not runnable:
+        return
+    bmax = max(runnable)
+    per_seq = pages_needed(seq, args.page_size)
     engine = EngineConfig(
-        page_size=args.page_size, num_pages=bmax * pages_needed(seq, args.page_size),
-        max_seq_len=seq, dtype=dtype, kernels=args.kernels, decode_steps=args.decode_steps,
-        batch_buckets=tuple(sorted(set(batch_sizes))),
+        page_size=args.page_size, num_pages=bmax * per_seq, max_seq_len=seq, dtype=dtype,
+        kernels=args.kernels, decode_steps=args.decode_steps,
+        batch_buckets=tuple(sorted(set(runnable))),
         prefill_buckets=(min(args.prompt_len, 512),), unroll_layers=args.unroll_layers)
     runner = Runner(cfg, engine, loaded.graphdef, loaded.params, mesh=mesh)
     cache = init_cache(cfg, engine, runner.cache_shardings)
     wbytes = param_bytes(loaded.params)
     kv_tok = kv_bytes_per_token(cfg, jnp.dtype(engine.kv_dtype).itemsize)
-    peak = args.peak_gbps or (copy_bandwidth_gbps() if jax.default_backend() == "gpu" else None)
     rng = np.random.default_rng(0)
-    base = dict(name="generate", model=args.model, dtype=dtype, quant="none", mesh=args.mesh,
-                kernels=args.kernels, unroll_layers=args.unroll_layers, decode_steps=args.decode_steps, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                device=device_name(), jax_version=jax.__version__, git_sha=git_sha())
-    rows = []
-    for b in batch_sizes:
-        alloc = PageAllocator(engine.num_pages)
-        page_lists = [alloc.allocate(pages_needed(seq, engine.page_size)) for _ in range(b)]
-        width = len(page_lists[0])
-        prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).astype(np.int32)
-                   for _ in range(b)]
-        c0 = runner.compile_seconds
-        t0 = time.perf_counter()
-        cache, _ = run_once(runner, cache, page_lists, prompts, args.gen_len, args.decode_steps)
-        first_call = time.perf_counter() - t0
-        compile_s = runner.compile_seconds - c0
-        compiles_before = runner.num_compiles
-        runs = []
-        for _ in range(args.repeat):
-            cache, t = run_once(runner, cache, page_lists, prompts, args.gen_len, args.decode_steps)
-            runs.append(t)
-        if runner.num_compiles != compiles_before:
-            raise RuntimeError("recompiled during timed runs")
-        ttft = statistics.median(r.ttft for r in runs)
-        dec = statistics.median(r.decode for r in runs)
-        total = statistics.median(r.total for r in runs)
-        decode_steps = args.gen_len - 1
-        step_s = dec / max(decode_steps, 1)
-        avg_ctx = args.prompt_len + args.gen_len / 2
-        gbps = (wbytes + b * avg_ctx * kv_tok) / step_s / 1e9
-        metrics = [
-            ("compile_s", compile_s, "s"), ("first_call_s", first_call, "s"),
-            ("ttft_ms", ttft * 1e3, "ms"), ("prefill_tok_s", b * args.prompt_len / ttft, "tok/s"),
-            ("decode_tok_s", b * decode_steps / dec, "tok/s"), ("itl_ms", step_s * 1e3, "ms"),
-            ("tok_s", b * args.gen_len / total, "tok/s"), ("hbm_gbps", gbps, "GB/s"),
-        ]
-        if peak:
-            metrics += [("roofline_frac", gbps / peak, "fraction"), ("copy_gbps", peak, "GB/s")]
-        for metric, value, unit in metrics:
-            row = dict(base, batch=b, metric=metric, value=round(float(value), 4), unit=unit,
-                       weight_bytes=wbytes)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        for pages in page_lists:
-            alloc.free(pages)
+    try:
+        for b in runnable:
+            alloc = ReplicaPageAllocator(runner.layout)
+            page_lists = [alloc.allocate(per_seq, replica=runner.layout.replica_of_slot(i))
+                          for i in range(b)]
+            prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).astype(np.int32)
+                       for _ in range(b)]
+            c0 = runner.compile_seconds
+            t0 = time.perf_counter()
+            cache, _ = run_once(runner, cache, page_lists, prompts, args.gen_len,
+                                args.decode_steps)
+            first_call = time.perf_counter() - t0
+            compile_s = runner.compile_seconds - c0
+            compiles_before = runner.num_compiles
+            runs = []
+            for _ in range(args.repeat):
+                cache, t = run_once(runner, cache, page_lists, prompts, args.gen_len,
+                                    args.decode_steps)
+                runs.append(t)
+            if runner.num_compiles != compiles_before:
+                raise RuntimeError("recompiled during timed runs")
+            ttft = statistics.median(r.ttft for r in runs)
+            dec = statistics.median(r.decode for r in runs)
+            total = statistics.median(r.total for r in runs)
+            decode_steps = args.gen_len - 1
+            step_s = dec / max(decode_steps, 1)
+            avg_ctx = args.prompt_len + args.gen_len / 2
+            gbps = (wbytes + b * avg_ctx * kv_tok) / step_s / 1e9
+            metrics = [
+                ("compile_s", compile_s, "s"), ("first_call_s", first_call, "s"),
+                ("ttft_ms", ttft * 1e3, "ms"),
+                ("prefill_tok_s", b * args.prompt_len / ttft, "tok/s"),
+                ("decode_tok_s", b * decode_steps / dec, "tok/s"), ("itl_ms", step_s * 1e3, "ms"),
+                ("tok_s", b * args.gen_len / total, "tok/s"), ("hbm_gbps", gbps, "GB/s"),
+                ("state_gb_per_device",
+                 state_bytes_per_device((loaded.params, cache)) / 1e9, "GB"),
+            ]
+            used = hbm_in_use(mesh.local_devices)
+            if used is not None:
+                metrics.append(("hbm_in_use_gb", used / 1e9, "GB"))
+            if peak:
+                metrics += [("roofline_frac", gbps / peak / spec.size, "fraction"),
+                            ("copy_gbps", peak, "GB/s")]
+            for metric, value, unit in metrics:
+                _emit(rows, dict(base, batch=b, metric=metric, value=round(float(value), 4),
+                                 unit=unit, weight_bytes=wbytes))
+            for pages in page_lists:
+                alloc.free(pages)
+    finally:  # free this mesh's weights, cache and executables before the next mesh loads
+        for x in jax.tree.leaves((cache, loaded.params)):
+            if not x.is_deleted():
+                x.delete()
+        del runner, loaded, cache
+        jax.clear_caches()
+        gc.collect()
+
+
+def _model_config(model: str) -> ModelConfig:
+    if model in PRESETS:
+        return PRESETS[model]
+    import checkpoints  # a directory: read only its config here
+
+    return checkpoints.load_model_config(model)
+
+
+def bench_generate(args, batch_sizes: list[int]) -> list[dict]:
+    """Every mesh of the sweep in turn (a plain run is a sweep of one mesh)."""
+    specs = parse_mesh_list(args.meshes or args.mesh)
+    cfg = _model_config(args.model)
+    peak = args.peak_gbps or (copy_bandwidth_gbps() if jax.default_backend() == "gpu" else None)
+    present = len(jax.devices())
+    rows: list[dict] = []
+    for spec in specs:
+        base = dict(name="generate", model=args.model, dtype=args.dtype, mesh=str(spec),
+                    num_devices=spec.size, device=device_name(), jax_version=jax.__version__,
+                    git_sha=git_sha())
+        if spec.size > present:
+            _skip(rows, base, f"needs {spec.size} devices, {present} present")
+            continue
+        try:
+            check_model_fits(spec, cfg)
+        except ConfigError as e:
+            _skip(rows, base, str(e))
+            continue
+        bench_mesh(args, spec, batch_sizes, peak, rows)
+    _add_speedups(rows)
     return rows
 
 
+def _add_speedups(rows: list[dict]) -> None:
+    """decode_speedup rows: decode tok/s over the first mesh's at the same batch."""
+    dec = [r for r in rows if r["metric"] == "decode_tok_s"]
+    meshes = list(dict.fromkeys(r["mesh"] for r in dec))
+    if len(meshes) < 2:
+        return
+    baseline = {r["batch"]: r for r in dec if r["mesh"] == meshes[0]}
+    for r in dec:
+        ref = baseline.get(r["batch"])
+        if ref is None or r["mesh"] == meshes[0]:
+            continue
+        _emit(rows, dict(r, metric="decode_speedup", value=round(r["value"] / ref["value"], 4),
+                         unit="x", baseline_mesh=meshes[0]))
+
+
+def _short_mesh(mesh: str) -> str:
+    """"dp=1,pp=2,tp=2" -> "pp=2,tp=2" (axes of size 1 left out)."""
+    return ",".join(p for p in mesh.split(",") if not p.endswith("=1")) or "1 device"
+
+
+def write_chart(rows: list[dict], path: str) -> None:
+    """Decode tok/s and TTFT per mesh and batch as a PNG; a one-line notice without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("jaxinfer.bench: matplotlib is not installed; no chart written "
+              "(pip install matplotlib)", file=sys.stderr)
+        return
+    meshes = list(dict.fromkeys(r["mesh"] for r in rows if r["metric"] == "decode_tok_s"))
+    batches = sorted({r["batch"] for r in rows if r["metric"] == "decode_tok_s"})
+    if not meshes:
+        print("jaxinfer.bench: nothing measured; no chart written", file=sys.stderr)
+        return
+    value = {(r["mesh"], r["batch"], r["metric"]): r["value"] for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(batches)
+    for ax, metric, label in ((axes[0], "decode_tok_s", "decode tokens/s"),
+                              (axes[1], "ttft_ms", "time to first token (ms)")):
+        for j, b in enumerate(batches):
+            xs = [i + j * width for i in range(len(meshes))]
+            ys = [value.get((m, b, metric), 0.0) for m in meshes]
+            ax.bar(xs, ys, width, label=f"batch {b}")
+        ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(meshes))],
+                      [_short_mesh(m) for m in meshes], rotation=20)
+        ax.set_ylabel(label)
+        ax.legend()
+    model = rows[0]["model"]
+    fig.suptitle(f"{model} on {rows[0]['device']}: mesh sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"jaxinfer.bench: chart written to {path}", file=sys.stderr)
+
+
 def print_table(rows: list[dict]) -> None:
-    keys = sorted({(r["mesh"], r["batch"]) for r in rows})
-    metrics = list(dict.fromkeys(r["metric"] for r in rows))
-    header = ["mesh", "batch"] + metrics
+    order = list(dict.fromkeys(r["mesh"] for r in rows))  # sweep order, not alphabetical
+    keys = sorted({(r["mesh"], r["batch"]) for r in rows},
+                  key=lambda k: (order.index(k[0]), -1 if k[1] is None else k[1]))
+    metrics = list(dict.fromkeys(r["metric"] for r in rows if r["metric"] != "skipped"))
+    header = ["mesh", "batch"] + metrics + ["note"]
     table = [header]
     for mesh, b in keys:
-        vals = {r["metric"]: r["value"] for r in rows if (r["mesh"], r["batch"]) == (mesh, b)}
-        table.append([mesh, str(b)] + [f"{vals[m]:.4g}" if m in vals else "-" for m in metrics])
+        sel = [r for r in rows if (r["mesh"], r["batch"]) == (mesh, b)]
+        vals = {r["metric"]: r["value"] for r in sel if r["metric"] != "skipped"}
+        note = "; ".join(f"skipped: {r['reason']}" for r in sel if r["metric"] == "skipped")
+        table.append([mesh, "-" if b is None else str(b)]
+                     + [f"{vals[m]:.4g}" if m in vals else "-" for m in metrics] + [note])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)), file=sys.stderr)
@@ -202,7 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=256)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--kernels", choices=("reference", "pallas"), default="reference")
-    p.add_argument("--mesh", default="dp=1,pp=1,tp=1")
+    p.add_argument("--quant", choices=QUANT_MODES, default=None,
+                   help="weight quantization (random presets: quantized at load); default: as "
+                        "stored")
+    p.add_argument("--mesh", default="dp=1,pp=1,tp=1",
+                   help="one mesh (dp=D,pp=P,tp=T), or a ';'-separated list to sweep")
+    p.add_argument("--meshes", default=None,
+                   help='meshes to sweep, e.g. "tp=1;tp=2;pp=2;dp=2;tp=2,pp=2" (overrides --mesh)')
+    p.add_argument("--chart", default=None,
+                   help="PNG chart of the sweep (default for a sweep of 2+ meshes: "
+                        "mesh_sweep_<model>.png); needs matplotlib")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=16, help="decode tokens per dispatch")
     p.add_argument("--repeat", type=int, default=3)
@@ -210,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unroll the layer loop (static weight slices)")
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="bandwidth for roofline_frac (default: measured copy bandwidth on GPU)")
+    multihost.add_distributed_args(p)
     return p
 
 
@@ -238,11 +412,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("jaxinfer.bench: error: --prompt-len must be >= 1 and --gen-len >= 2", file=sys.stderr)
         return 2
     try:
+        multihost.initialize_from_args(args)  # before anything touches a device
         rows = bench_generate(args, batch_sizes)
     except JaxinferError as e:
         print(f"jaxinfer.bench: error: {e}", file=sys.stderr)
         return 1
+    if not multihost.is_coordinator():
+        return 0
     print_table(rows)
+    meshes = {r["mesh"] for r in rows}
+    chart = args.chart or (f"mesh_sweep_{Path(args.model).name}.png" if len(meshes) > 1 else None)
+    if chart:
+        write_chart(rows, chart)
     return 0
 
 

@@ -21,12 +21,15 @@ import numpy as np
 from jaxinfer import buckets
 from jaxinfer.config import EngineConfig
 from jaxinfer.errors import CapacityError, JaxinferError, RequestError
-from jaxinfer.kv_cache import PageAllocator, PagedKVCache, init_cache, pages_needed
+from jaxinfer.kv_cache import PagedKVCache, init_cache, pages_needed
 from jaxinfer.model_loader import LoadedModel, load_model
+from jaxinfer.quant import QUANT_MODES
 from jaxinfer.runner import Runner
 from jaxinfer.sampling import SamplingParams, row_keys
 from jaxinfer.tokenizer import IncrementalDetokenizer
-from sharding.mesh import make_mesh
+from sharding import multihost
+from sharding.data_parallel import ReplicaPageAllocator
+from sharding.mesh import fit_engine, make_mesh, parse_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,8 @@ class Generator:
         self.engine_cfg = engine_cfg
         self.runner = Runner(loaded.cfg, engine_cfg, loaded.graphdef, loaded.params, mesh=mesh)
         self.cache: PagedKVCache = init_cache(loaded.cfg, engine_cfg, self.runner.cache_shardings)
-        self.allocator = PageAllocator(engine_cfg.num_pages)
+        # Pages per dp replica: slot i takes pages of replica layout.replica_of_slot(i).
+        self.allocator = ReplicaPageAllocator(self.runner.layout)
 
     def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         cfg, eng = self.loaded.cfg, self.engine_cfg
@@ -85,9 +89,10 @@ class Generator:
         use_sampling = sampling.uses_sampling()
         page_lists = []
         try:
-            for p in prompts:
+            for i, p in enumerate(prompts):
                 page_lists.append(self.allocator.allocate(
-                    pages_needed(len(p) + max_new_tokens, eng.page_size)))
+                    pages_needed(len(p) + max_new_tokens, eng.page_size),
+                    replica=self.runner.layout.replica_of_slot(i)))
         except CapacityError:
             for pages in page_lists:
                 self.allocator.free(pages)
@@ -166,12 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="weights/activations dtype (default bfloat16; float32 on CPU)")
     p.add_argument("--kernels", choices=("reference", "pallas"), default="reference")
-    p.add_argument("--mesh", default="dp=1,pp=1,tp=1")
+    p.add_argument("--quant", choices=QUANT_MODES, default=None,
+                   help="quantize the weights at load: int8 (per channel), int8-g64/int8-g128 "
+                        "(group-wise), fp8 (W8A8); default: as stored (a checkpoint converted "
+                        "with --quant loads quantized)")
+    p.add_argument("--mesh", default="dp=1,pp=1,tp=1",
+                   help="device mesh, e.g. tp=2 or dp=2,pp=2,tp=2 (sharding/mesh.py)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    multihost.add_distributed_args(p)
     return p
 
 
@@ -186,10 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        multihost.initialize_from_args(args)  # before anything touches a device
         dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        mesh = make_mesh(args.mesh)
+        spec = parse_mesh(args.mesh)
+        mesh = make_mesh(spec)
         loaded = load_model(args.model, mesh=mesh, dtype=dtype, seed=args.seed,
-                            allow_pickle=args.allow_pickle)
+                            allow_pickle=args.allow_pickle, quant=args.quant)
         tok = loaded.tokenizer
         if args.prompt_ids:
             prompts = [_parse_ids(x) for x in args.prompt_ids]
@@ -201,9 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         longest = max(len(p) for p in prompts) + args.max_new_tokens
         if longest > max_len and args.max_seq_len is None:
             max_len = min(longest, loaded.cfg.context_limit)
-        num_pages = args.num_pages or len(prompts) * pages_needed(max_len, args.page_size)
-        engine = EngineConfig(page_size=args.page_size, num_pages=num_pages, max_seq_len=max_len,
-                              dtype=dtype, kernels=args.kernels)
+        # Each dp replica holds the pages of its own slots (round-robin over the prompts).
+        slots_per_replica = -(-len(prompts) // spec.dp)
+        num_pages = args.num_pages or (
+            spec.dp * slots_per_replica * pages_needed(max_len, args.page_size))
+        engine = fit_engine(spec, EngineConfig(page_size=args.page_size, num_pages=num_pages,
+                                               max_seq_len=max_len, dtype=dtype,
+                                               kernels=args.kernels))
         gen = Generator(loaded, engine, mesh=mesh)
         sampling = SamplingParams.make(len(prompts), temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
@@ -213,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JaxinferError as e:
         print(f"jaxinfer.generate: error: {e}", file=sys.stderr)
         return 1
+    if not multihost.is_coordinator():  # every process computed the same tokens; one prints
+        return 0
     for r in results:
         if args.json:
             print(json.dumps(r.to_json(), ensure_ascii=False))

@@ -1,15 +1,32 @@
-"""`--mesh dp=D,pp=P,tp=T` -> a `jax.sharding.Mesh` with axes ("dp", "pp", "tp")."""
+"""`--mesh dp=D,pp=P,tp=T` -> a `jax.sharding.Mesh` with axes ("dp", "pp", "tp"), and the checks
+that a mesh fits the devices, the model and the engine.
+
+Device order. `tp` is the innermost axis (an all-reduce per attention block and per MLP), `pp`
+next (one activation hand-off per stage per micro-batch), `dp` outermost (no traffic at all in a
+step). On one process the grid comes from `mesh_utils.create_device_mesh`, which knows the
+physical topology where there is one. With several processes the grid is hybrid: processes
+(hosts) are split over the outermost axes first, so a `tp` group never spans two hosts unless
+`tp` is larger than a host; `mesh_utils.create_hybrid_device_mesh` then lays out each host's
+devices.
+
+Every check raises `ConfigError` with one line that names the numbers, because these are the
+errors a user meets first (`--mesh tp=3` on a model with 8 heads).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 
 from jaxinfer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 MESH_AXES = ("dp", "pp", "tp")
 
@@ -22,8 +39,9 @@ class MeshSpec:
 
     def __post_init__(self) -> None:
         for name in MESH_AXES:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ConfigError(f"mesh {name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"mesh {name} must be a positive integer, got {value!r}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -35,6 +53,11 @@ class MeshSpec:
 
     def __str__(self) -> str:
         return ",".join(f"{n}={getattr(self, n)}" for n in MESH_AXES)
+
+    @classmethod
+    def of(cls, mesh: jax.sharding.Mesh) -> MeshSpec:
+        """The spec of a built mesh (axes it lacks count as 1)."""
+        return cls(**{n: int(mesh.shape[n]) for n in MESH_AXES if n in mesh.shape})
 
 
 def parse_mesh(text: str) -> MeshSpec:
@@ -54,17 +77,113 @@ def parse_mesh(text: str) -> MeshSpec:
     return MeshSpec(**values)
 
 
-def make_mesh(spec: MeshSpec | str = MeshSpec(), devices: Sequence[jax.Device] | None = None):
-    """Build the mesh over `devices` (default: all devices, in JAX's multi-host-aware order)."""
+def parse_mesh_list(text: str) -> list[MeshSpec]:
+    """Parse a sweep "tp=1;tp=2;pp=2;tp=2,pp=2" (`;` between meshes, `,` within one)."""
+    specs = [parse_mesh(part) for part in text.split(";") if part.strip()]
+    if not specs:
+        raise ConfigError(f"no mesh in {text!r}: expected e.g. \"tp=1;tp=2;pp=2\"")
+    return specs
+
+
+def _hybrid_split(shape: Sequence[int], num_groups: int) -> tuple[int, ...] | None:
+    """Split `num_groups` hosts over the axes, outermost first; None if they do not factor."""
+    left, dcn = num_groups, []
+    for size in shape:
+        f = math.gcd(size, left)
+        dcn.append(f)
+        left //= f
+    return tuple(dcn) if left == 1 else None
+
+
+def device_grid(spec: MeshSpec, devices: Sequence[jax.Device]) -> np.ndarray:
+    """Devices arranged as spec.shape: hosts over the outer axes, each host's devices inside."""
+    by_process: dict[int, list[jax.Device]] = {}
+    for d in devices:
+        by_process.setdefault(d.process_index, []).append(d)
+    counts = {len(v) for v in by_process.values()}
+    if len(by_process) > 1:
+        ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+        dcn = _hybrid_split(spec.shape, len(by_process))
+        if dcn is not None and len(counts) == 1:
+            ici = tuple(s // f for s, f in zip(spec.shape, dcn))
+            return mesh_utils.create_hybrid_device_mesh(
+                ici, dcn, ordered, process_is_granule=True, allow_split_physical_axes=True)
+        logger.warning("mesh %s does not split evenly over %d processes; using plain device "
+                       "order (a tp group may span hosts)", spec, len(by_process))
+        return np.asarray(ordered, dtype=object).reshape(spec.shape)
+    try:
+        return mesh_utils.create_device_mesh(spec.shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as e:  # exotic topologies
+        logger.info("create_device_mesh refused %s (%s); using device order", spec, e)
+        return np.asarray(list(devices), dtype=object).reshape(spec.shape)
+
+
+def make_mesh(spec: MeshSpec | str = MeshSpec(), devices: Sequence[jax.Device] | None = None
+              ) -> jax.sharding.Mesh:
+    """Build the mesh over `devices` (default: all devices of all processes).
+
+    A mesh smaller than the device count uses the first `spec.size` devices, which is only
+    allowed on one process: with several processes every process must own part of the mesh.
+    """
     if isinstance(spec, str):
         spec = parse_mesh(spec)
     devices = list(jax.devices() if devices is None else devices)
     if spec.size > len(devices):
         raise ConfigError(
-            f"mesh {spec} needs {spec.size} devices but only {len(devices)} are available"
-        )
+            f"mesh {spec} needs {spec.size} devices but only {len(devices)} are available")
+    num_processes = len({d.process_index for d in devices})
+    if num_processes > 1 and spec.size != len(devices):
+        raise ConfigError(f"mesh {spec} uses {spec.size} of {len(devices)} devices; with "
+                          f"{num_processes} processes the mesh must use every device")
+    if spec.size < len(devices):
+        devices = devices[: spec.size]
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if spec.size == len(devices):
-        return jax.make_mesh(spec.shape, MESH_AXES, axis_types, devices=devices)
-    grid = np.asarray(devices[: spec.size], dtype=object).reshape(spec.shape)
-    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.sharding.Mesh(device_grid(spec, devices), MESH_AXES, axis_types=axis_types)
+
+
+def check_model_fits(spec: MeshSpec, cfg) -> None:
+    """Raise ConfigError (one line, with the numbers) if `cfg` cannot be split over `spec`.
+
+    tp must divide the query heads and the ffn width. KV heads are split over tp when
+    K % tp == 0 and replicated on every tp device when tp % K == 0 (tp > K); any other pair
+    has no even layout. pp must divide the layers (stages hold equal shares).
+    """
+    tp, pp = spec.tp, spec.pp
+    if cfg.num_heads % tp:
+        raise ConfigError(f"mesh {spec}: tp={tp} does not divide num_heads={cfg.num_heads}")
+    if cfg.intermediate_size % tp:
+        raise ConfigError(
+            f"mesh {spec}: tp={tp} does not divide intermediate_size={cfg.intermediate_size}")
+    k = cfg.num_kv_heads
+    if k % tp and tp % k:
+        raise ConfigError(
+            f"mesh {spec}: tp={tp} and num_kv_heads={k} do not fit: KV heads are split when "
+            f"num_kv_heads % tp == 0 and replicated when tp % num_kv_heads == 0")
+    if cfg.num_layers % pp:
+        raise ConfigError(f"mesh {spec}: pp={pp} does not divide num_layers={cfg.num_layers}")
+    if cfg.vocab_size % tp:
+        logger.warning("mesh %s: vocab_size=%d is not a multiple of tp=%d; the embedding and "
+                       "LM head are replicated instead of split", spec, cfg.vocab_size, tp)
+
+
+def check_engine_fits(spec: MeshSpec, engine) -> None:
+    """Raise ConfigError if the engine's batch buckets or page pool cannot be split over dp."""
+    dp = spec.dp
+    if engine.num_pages % dp:
+        raise ConfigError(f"mesh {spec}: dp={dp} does not divide num_pages={engine.num_pages} "
+                          "(each replica owns an equal share of the pages)")
+    bad = [b for b in engine.batch_buckets if b % dp]
+    if bad:
+        raise ConfigError(f"mesh {spec}: batch buckets {bad} are not multiples of dp={dp} "
+                          "(each replica owns an equal share of the batch slots)")
+
+
+def fit_engine(spec: MeshSpec, engine):
+    """The engine config adjusted to `spec`: batch buckets and the page pool made multiples
+    of dp (a batch of 1 on dp=2 runs as a bucket of 2 with one padding row)."""
+    dp = spec.dp
+    if dp == 1:
+        return engine
+    batches = tuple(sorted({dp * -(-b // dp) for b in engine.batch_buckets}))
+    pages = dp * -(-engine.num_pages // dp)
+    return dataclasses.replace(engine, batch_buckets=batches, num_pages=pages)

@@ -17,7 +17,8 @@ from flax import nnx
 
 from jaxinfer import ops
 from jaxinfer.config import Kernels, ModelConfig
-from jaxinfer.kv_cache import PagedKVCache
+from jaxinfer.kv_cache import CACHE_AXES, SCALE_AXES, PagedKVCache
+from jaxinfer.quant import QuantArray
 from jaxinfer.rope import apply_rope, rope_angles
 from sharding.rules import constrain
 
@@ -60,7 +61,9 @@ class DecoderLayers(nnx.Module):
         self.w_down = _param(rngs, (L, F, D), ("layers", "ffn", "embed"), dtype)
 
     def weights(self) -> dict[str, jax.Array]:
-        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+        # get_value, not var[...]: a quantized weight is a QuantArray pytree, not an array.
+        return {name: var.get_value() for name, var in vars(self).items()
+                if isinstance(var, nnx.Param)}
 
 
 def _layer(cfg: ModelConfig, kernels: Kernels, w: dict[str, jax.Array], layer: jax.Array,
@@ -69,9 +72,9 @@ def _layer(cfg: ModelConfig, kernels: Kernels, w: dict[str, jax.Array], layer: j
            slots: jax.Array) -> tuple[jax.Array, PagedKVCache]:
     """One decoder block on x [B, T, D] with the layer's weights `w` (no leading axis)."""
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
-    k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
-    v = jnp.einsum("btd,dkh->btkh", h, w["wv"])
+    q = ops.linear(h, w["wq"], layer=layer, kernels=kernels)  # [B, T, N, H]
+    k = ops.linear(h, w["wk"], layer=layer, kernels=kernels)  # [B, T, K, H]
+    v = ops.linear(h, w["wv"], layer=layer, kernels=kernels)
     if cfg.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
@@ -83,13 +86,26 @@ def _layer(cfg: ModelConfig, kernels: Kernels, w: dict[str, jax.Array], layer: j
         q, k_pages, v_pages, layer, block_tables, seq_lens, positions,
         k_scale=k_scale, v_scale=v_scale, scale=cfg.head_dim ** -0.5,
         sliding_window=cfg.sliding_window, kernels=kernels)
-    x = x + constrain(jnp.einsum("btnh,nhd->btd", attn, w["wo"]), ("batch", "seq", "embed"))
+    x = x + constrain(ops.linear(attn, w["wo"], contract=2, layer=layer, kernels=kernels),
+                      ("batch", "seq", "embed"))
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, w["w_gate"])
-    up = jnp.einsum("btd,df->btf", h, w["w_up"])
+    gate = ops.linear(h, w["w_gate"], layer=layer, kernels=kernels)  # [B, T, F]
+    up = ops.linear(h, w["w_up"], layer=layer, kernels=kernels)
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "ffn"))
-    x = x + constrain(jnp.einsum("btf,fd->btd", act, w["w_down"]), ("batch", "seq", "embed"))
+    x = x + constrain(ops.linear(act, w["w_down"], layer=layer, kernels=kernels),
+                      ("batch", "seq", "embed"))
     return x, PagedKVCache(k=k_pages, v=v_pages, k_scale=k_scale, v_scale=v_scale)
+
+
+def _constrain_cache(cache: PagedKVCache) -> PagedKVCache:
+    """Pin the cache carried through the layer loop to its declared layout. Without it, when KV
+    heads are replicated (tp > K) XLA may carry them split inside the loop and all-gather the
+    whole cache when the step returns."""
+    def pin(x, axes):
+        return None if x is None else constrain(x, axes)
+    return PagedKVCache(k=pin(cache.k, CACHE_AXES), v=pin(cache.v, CACHE_AXES),
+                        k_scale=pin(cache.k_scale, SCALE_AXES),
+                        v_scale=pin(cache.v_scale, SCALE_AXES))
 
 
 class Llama(nnx.Module):
@@ -117,31 +133,76 @@ class Llama(nnx.Module):
         unroll_layers: bool = False,
     ) -> tuple[jax.Array, PagedKVCache]:
         """Run the decoder; returns the final-normed hidden states [B, T, D] and the cache."""
+        x = self.embed_tokens(tokens)
+        x, cache = self.run_layers(x, positions, cache, block_tables, seq_lens, slots,
+                                   kernels=kernels, unroll_layers=unroll_layers)
+        return self.norm(x), cache
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] -> embeddings [B, T, D]."""
+        return constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "seq", "embed"))
+
+    def run_layers(
+        self,
+        x: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # [B, T] int32
+        cache: PagedKVCache,
+        block_tables: jax.Array,  # [B, W] int32
+        seq_lens: jax.Array,  # [B] int32
+        slots: jax.Array,  # [B, T] int32, < 0 for padding
+        *,
+        kernels: Kernels = "reference",
+        unroll_layers: bool = False,
+    ) -> tuple[jax.Array, PagedKVCache]:
+        """Run the layers this module holds on x [B, T, D]. Under pipeline parallelism that is
+        one stage's share: its stacked weights and its cache hold only the stage's layers
+        (`sharding/pipeline.py`), so the count comes from the arrays, not the config."""
         cfg = self.cfg
-        x = constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "seq", "embed"))
         cos, sin = rope_angles(cfg, positions)
+
+        weights = self.layers.weights()
+        # Quantized weights stay whole: their kernels read layer `layer` of the stack in place
+        # (scanning over them would slice each out of the stack: a copy per layer and step).
+        stacked = {k: v for k, v in weights.items() if isinstance(v, QuantArray)}
+        scanned = {k: v for k, v in weights.items() if k not in stacked}
 
         def body(carry, xs):
             x, cache = carry
             w, layer = xs
-            x, cache = _layer(cfg, kernels, w, layer, x, cache, cos, sin, positions,
-                              block_tables, seq_lens, slots)
-            return (x, cache), None
+            x, cache = _layer(cfg, kernels, {**w, **stacked}, layer, x, cache, cos, sin,
+                              positions, block_tables, seq_lens, slots)
+            return (x, _constrain_cache(cache)), None
 
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (self.layers.weights(), layer_ids),
+        layer_ids = jnp.arange(weights["attn_norm"].shape[0], dtype=jnp.int32)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (scanned, layer_ids),
                                      unroll=unroll_layers)
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
+        return x, cache
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def norm(self, x: jax.Array) -> jax.Array:
+        """The final RMSNorm, [..., D] -> [..., D]."""
+        return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+
+    def logits(self, hidden: jax.Array, *, kernels: Kernels = "reference") -> jax.Array:
         """hidden [..., D] -> float32 logits [..., V]."""
-        if self.cfg.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings:  # the embedding table is never quantized
             out = jnp.einsum("...d,vd->...v", hidden, self.embed[...],
                              preferred_element_type=jnp.float32)
         else:
-            out = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...],
-                             preferred_element_type=jnp.float32)
+            out = ops.linear(hidden, self.lm_head.get_value(), kernels=kernels,
+                             out_dtype=jnp.float32)
         return constrain(out, ("batch",) + (None,) * (out.ndim - 2) + ("vocab",))
+
+
+def quantized_weights(cfg: ModelConfig, kind: str) -> dict[tuple[str, ...], tuple[int, int]]:
+    """The weights a `kind` ("int8" | "fp8") quantization replaces by QuantArrays: param path
+    -> (stacked leading dims, contraction dims). Layer projections always; an untied lm_head
+    for int8 only (W8A8 would quantize the final hidden state, costing logit precision); the
+    embedding never (a gather, and the head itself when tied)."""
+    out = {("layers", name): (1, 1) for name in ("wq", "wk", "wv", "w_gate", "w_up", "w_down")}
+    out[("layers", "wo")] = (1, 2)
+    if kind == "int8" and not cfg.tie_word_embeddings:
+        out[("lm_head",)] = (0, 1)
+    return out
 
 
 def create(cfg: ModelConfig, *, dtype=jnp.float32, seed: int = 0) -> Llama:

@@ -1,0 +1,91 @@
+"""The SPMD plumbing the runner's step functions use: `shard_map` with `dp`/`pp` manual and
+`tp` automatic, the specs it needs, and the mesh context for tracing.
+
+Why partially manual. Tensor parallelism is expressed by shardings alone: weights carry their
+logical axes and GSPMD inserts the Megatron all-reduces, so model code never names a mesh axis
+(STYLE.md rule 3). Data and pipeline parallelism need control that shardings cannot express: a
+replica must index only its own KV pages, and stages must hand activations on in a schedule.
+So the step function runs under `shard_map` over {dp, pp}: inside, arrays are the local
+replica/stage blocks and `sharding.pipeline` moves data with `ppermute`; `tp` stays automatic.
+
+Version guards: `jax.shard_map` (jax >= 0.7) with `axis_names`/`check_vma`, else
+`jax.experimental.shard_map.shard_map` with `auto`/`check_rep`. The mesh context is
+`jax.set_mesh` where it exists, else `jax.sharding.use_mesh`, else the Mesh itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+MANUAL_AXES = ("dp", "pp")
+
+
+def mesh_context(mesh: jax.sharding.Mesh) -> contextlib.AbstractContextManager:
+    """Context in which `sharding.constrain` sees `mesh` while a step is traced."""
+    if hasattr(jax, "set_mesh"):
+        return jax.set_mesh(mesh)
+    if hasattr(jax.sharding, "use_mesh"):
+        return jax.sharding.use_mesh(mesh)
+    return mesh
+
+
+def manual_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    """The axes a step must run manually: dp and pp when either is larger than 1, else none
+    (a tp-only or one-device mesh needs no shard_map at all)."""
+    if all(mesh.shape.get(a, 1) == 1 for a in MANUAL_AXES):
+        return ()
+    return tuple(a for a in MANUAL_AXES if a in mesh.axis_names)
+
+
+def manual_part(spec: PartitionSpec, manual: Sequence[str]) -> PartitionSpec:
+    """Keep only the manual axes of `spec` (entries may be one axis name or a tuple)."""
+    out = []
+    for entry in spec:
+        names = entry if isinstance(entry, tuple) else (entry,)
+        kept = tuple(n for n in names if n is not None and n in manual)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return PartitionSpec(*out)
+
+
+def specs_of(tree: Any, manual: Sequence[str]) -> Any:
+    """shard_map specs for a tree of placed arrays (or NamedShardings): their manual part."""
+    def one(a):
+        sharding = a if isinstance(a, NamedSharding) else getattr(a, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return manual_part(sharding.spec, manual)
+        return PartitionSpec()
+    return jax.tree.map(one, tree)
+
+
+def batch_spec(axis: int = 0) -> PartitionSpec:
+    """The spec splitting dimension `axis` over dp (the batch axis of an input or output)."""
+    return PartitionSpec(*([None] * axis), "dp")
+
+
+def batch_specs(tree: Any, *, axis: int = 0) -> Any:
+    """`batch_spec` for every leaf of `tree` (batch-major inputs/outputs)."""
+    return jax.tree.map(lambda a: batch_spec(axis), tree)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Every device holds the whole array (outputs every process can read)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_map(fn: Callable, mesh: jax.sharding.Mesh, in_specs: Any, out_specs: Any,
+              manual: Sequence[str]) -> Callable:
+    """`fn` run per (dp, pp) block with the other mesh axes automatic."""
+    manual = frozenset(manual)
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             axis_names=manual, check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy_shard_map
+
+    auto = frozenset(a for a in mesh.axis_names if a not in manual)
+    return legacy_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                            check_rep=False, auto=auto)

@@ -1,0 +1,249 @@
+"""Tensor, pipeline and data parallel generation on 8 fake CPU devices.
+
+The models are the HF-parity test models (random-weight transformers checkpoints, float32)
+with 8 query heads, 2 (Llama) or 1 (Qwen2, MQA) KV heads and 4 layers, so every mesh of the
+issue fits: tp=8 replicates the KV heads, pp=4 puts one layer per stage. Greedy tokens on each
+mesh must equal the one-device tokens exactly; parameter and cache PartitionSpecs and the
+collectives in the compiled decode step are asserted.
+
+Budget: one Generator per mesh, one prefill and one decode bucket (compiled once each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jaxinfer import generate  # noqa: E402
+from jaxinfer.config import EngineConfig  # noqa: E402
+from jaxinfer.generate import Generator  # noqa: E402
+from jaxinfer.model_loader import load_model  # noqa: E402
+from jaxinfer.sampling import SamplingParams, row_keys  # noqa: E402
+from sharding.mesh import fit_engine, make_mesh, parse_mesh  # noqa: E402
+from tests.jaxinfer.test_hf_parity import COMMON, PROMPTS  # noqa: E402
+
+NEW_TOKENS = 7  # 1 from prefill + 6 decoded in two dispatches of 4 steps
+MESHES = ["tp=2", "tp=4", "tp=8", "pp=2", "pp=4", "dp=2", "dp=2,tp=2", "pp=2,tp=2",
+          "dp=2,pp=2,tp=2"]
+MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2_mqa_bias": ("Qwen2Config", "Qwen2ForCausalLM",
+                       dict(num_key_value_heads=1, tie_word_embeddings=True, head_dim=8)),
+}
+
+
+def save_hf_model(kind: str, path) -> None:
+    """A random-weight HF checkpoint: the parity models' sizes with 8 heads and 4 layers."""
+    cfg_cls, model_cls, extra = MODELS[kind]
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, "num_attention_heads": 8,
+                                            "num_hidden_layers": 4, **extra})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    if kind == "qwen2_mqa_bias":  # HF zero-inits biases; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                             layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def make_generator(model_dir, mesh_text: str, *, devices=None, unroll_layers=False) -> Generator:
+    spec = parse_mesh(mesh_text)
+    mesh = make_mesh(spec, devices=devices)
+    loaded = load_model(str(model_dir), mesh=mesh, dtype="float32")
+    engine = fit_engine(spec, EngineConfig(
+        page_size=4, num_pages=64, max_seq_len=64, dtype="float32", prefill_buckets=(8,),
+        batch_buckets=(4,), decode_steps=4, unroll_layers=unroll_layers))
+    return Generator(loaded, engine, mesh=mesh)
+
+
+def greedy(gen: Generator) -> list[list[int]]:
+    return [c.token_ids for c in gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{kind: (hf_dir, one-device greedy tokens)}."""
+    out = {}
+    for kind in MODELS:
+        path = tmp_path_factory.mktemp(kind) / "hf"
+        save_hf_model(kind, path)
+        out[kind] = (path, greedy(make_generator(path, "dp=1", devices=jax.devices()[:1])))
+    return out
+
+
+def expected_specs(mesh_text: str, kv_heads: int) -> dict[str, P]:
+    tp = parse_mesh(mesh_text).tp
+    kv = "tp" if kv_heads % tp == 0 else None  # replicated when tp > KV heads
+    return {
+        "layers/wq": P("pp", None, "tp", None), "layers/wk": P("pp", None, kv, None),
+        "layers/wv": P("pp", None, kv, None), "layers/wo": P("pp", "tp", None, None),
+        "layers/w_gate": P("pp", None, "tp"), "layers/w_up": P("pp", None, "tp"),
+        "layers/w_down": P("pp", "tp", None), "layers/attn_norm": P("pp", None),
+        "embed": P("tp", None), "final_norm": P(None),
+        "cache": P("pp", kv, "dp", None, None),
+    }
+
+
+@pytest.mark.parametrize("mesh_text", MESHES)
+def test_llama_tokens_and_shardings(models, mesh_text):
+    path, want = models["llama"]
+    gen = make_generator(path, mesh_text)
+    assert greedy(gen) == want
+    assert gen.allocator.num_used == 0
+    params = gen.loaded.params
+    specs = expected_specs(mesh_text, kv_heads=2)
+    for name, spec in specs.items():
+        if name == "cache":
+            got = gen.cache.k.sharding.spec
+        else:
+            node = params
+            for key in name.split("/"):
+                node = node[key]
+            got = node.sharding.spec
+        assert got == spec, (name, got, spec)
+    assert params["lm_head"].sharding.spec == P(None, "tp")  # untied head: vocab over tp
+    # Sharded means sharded: each device holds 1/tp of a column-parallel weight, 1/pp of layers.
+    m = parse_mesh(mesh_text)
+    wq = params["layers"]["wq"]
+    assert wq.addressable_shards[0].data.size == wq.size // (m.tp * m.pp)
+
+
+def test_eos_stops_rows_inside_the_pipeline(models):
+    """Rows stop on device at different steps (EOS mid-chunk) inside the pipelined decode and
+    on dp replicas, exactly as on one device."""
+    path, want = models["llama"]
+    eos = want[0][2]  # prompt 0 stops after its 3rd token; the others when they meet it
+
+    def with_eos(gen):
+        loaded = dataclasses.replace(gen.loaded, cfg=dataclasses.replace(
+            gen.loaded.cfg, eos_token_ids=(eos,)))
+        return Generator(loaded, gen.engine_cfg, mesh=gen.runner.mesh)
+
+    one = greedy(with_eos(make_generator(path, "dp=1", devices=jax.devices()[:1])))
+    assert len(one[0]) == 3 and one[0][-1] == eos
+    assert greedy(with_eos(make_generator(path, "dp=2,pp=2,tp=2"))) == one
+
+
+@pytest.mark.parametrize("mesh_text", ["tp=8", "pp=2,tp=2", "dp=2,pp=2,tp=2"])
+def test_qwen2_bias_mqa_tokens(models, mesh_text):
+    path, want = models["qwen2_mqa_bias"]
+    gen = make_generator(path, mesh_text)
+    assert greedy(gen) == want
+    bq = gen.loaded.params["layers"]["bq"]
+    assert bq.sharding.spec == P("pp", "tp", None)
+    assert gen.loaded.params["layers"]["bk"].sharding.spec == P("pp", None, None)  # K=1
+
+
+_COLLECTIVE = re.compile(r"= (\([^=]*?\)|\S+) (all-reduce|all-gather|collective-permute|"
+                         r"all-to-all|reduce-scatter)\(.*?op_name=\"([^\"]*)\"")
+
+
+def collectives(hlo: str) -> list[tuple[str, str, str]]:
+    """(op, result type, op_name) of every collective instruction with metadata."""
+    return [(m.group(2), m.group(1), m.group(3)) for m in _COLLECTIVE.finditer(hlo)]
+
+
+def _elements(type_text: str) -> int:
+    dims = re.search(r"\[([\d,]*)\]", type_text).group(1)
+    return int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+
+
+@pytest.mark.parametrize("mesh_text", ["tp=2", "tp=8", "pp=2,tp=2"])
+def test_decode_hlo_collectives(models, mesh_text):
+    """Megatron TP: per layer exactly one all-reduce after attention (o) and one after the MLP
+    (down), both on dot outputs; nothing else reduced but the vocab-sharded embedding lookup;
+    no weight or cache ever all-gathered (only the [B, tp] argmax candidates of sampling);
+    under pp, two ppermutes per stage hand-off (activations + int metadata)."""
+    path, _ = models["llama"]
+    gen = make_generator(path, mesh_text, unroll_layers=True)  # layers unrolled: countable
+    runner, m = gen.runner, parse_mesh(mesh_text)
+    b = 4
+    pages = [gen.allocator.allocate(4, replica=runner.layout.replica_of_slot(i)) for i in range(b)]
+    state = runner.decode_state(tokens=np.arange(b) + 1, seq_lens=np.full(b, 3),
+                                remaining=np.full(b, 5), block_tables=pages,
+                                sampling=SamplingParams.make(b), keys=row_keys(range(b)))
+    gen.cache, _, toks = runner.decode(gen.cache, state, use_sampling=False)
+    toks.block_until_ready()
+    [hlo] = [exe.as_text() for key, exe in runner.compiled.items() if key[0] == "decode"]
+    ops = collectives(hlo)
+    layers_here = 4 // m.pp
+    dot_reduces = [o for o in ops if o[0] == "all-reduce" and o[2].endswith("dot_general")]
+    assert len(dot_reduces) == 2 * layers_here, ops
+    others = [o for o in ops if o[0] == "all-reduce" and not o[2].endswith("dot_general")]
+    embedding = [o for o in others if o[2].endswith("gather")]  # vocab-sharded lookup
+    # pp: one psum after the loop hands stage 0's decode state (small int arrays) to all.
+    broadcast = [o for o in others if o[2].endswith("shard_map/psum")]
+    assert len(embedding) == 1 and len(broadcast) == (1 if m.pp > 1 else 0), others
+    assert len(others) == len(embedding) + len(broadcast), others
+    assert all(t.startswith(("(s32", "s32")) for _, t, _ in broadcast), broadcast
+    gathers = [o for o in ops if o[0] == "all-gather"]
+    assert gathers and all(_elements(o[1]) <= b * m.tp for o in gathers), gathers
+    assert all("sample" in o[2] for o in gathers)
+    permutes = [o for o in ops if o[0] == "collective-permute"]
+    assert len(permutes) == (2 if m.pp > 1 else 0), permutes
+    assert not [o for o in ops if o[0] in ("all-to-all", "reduce-scatter")]
+
+    # Prefill (GPipe under pp): the same per-layer reductions, one activation ppermute, and
+    # only the [B, tp] sampling candidates and the replicated [B, V] logits output gathered.
+    gen.cache, _, logits = runner.prefill(gen.cache, tokens=[np.arange(5) + 1] * b,
+                                          start=[0] * b, block_tables=pages,
+                                          sampling=SamplingParams.make(b), keys=row_keys(range(b)))
+    logits.block_until_ready()
+    [hlo] = [exe.as_text() for key, exe in runner.compiled.items() if key[0] == "prefill"]
+    ops = collectives(hlo)
+    assert len([o for o in ops if o[2].endswith("dot_general")]) == 2 * layers_here, ops
+    assert len([o for o in ops if o[0] == "collective-permute"]) == (1 if m.pp > 1 else 0)
+    vocab = logits.shape[-1]
+    assert all(_elements(o[1]) <= max(b * m.tp, b * vocab) for o in ops if o[0] == "all-gather")
+    assert not [o for o in ops if o[0] in ("all-to-all", "reduce-scatter")]
+
+
+def _run_cli(capsys, argv):
+    code = generate.main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("mesh,message", [
+    ("tp=3", "mesh dp=1,pp=1,tp=3: tp=3 does not divide num_heads=4"),
+    ("pp=4", "mesh dp=1,pp=4,tp=1: pp=4 does not divide num_layers=2"),
+    ("dp=4,tp=4", "mesh dp=4,pp=1,tp=4 needs 16 devices but only 8 are available"),
+    ("tp=2,zz=2", "bad mesh item 'zz=2': expected dp=N, pp=N or tp=N"),
+])
+def test_cli_bad_mesh_one_line(capsys, mesh, message):
+    code, err = _run_cli(capsys, ["--model", "dummy", "--prompt-ids", "1,2", "--mesh", mesh])
+    assert code == 1 and err == f"jaxinfer.generate: error: {message}"
+
+
+def test_cli_bad_distributed_flags(capsys):
+    code, err = _run_cli(capsys, ["--model", "dummy", "--coordinator", "127.0.0.1:1234"])
+    assert code == 1 and "\n" not in err and "needs all of --coordinator" in err
+    code, err = _run_cli(capsys, ["--model", "dummy", "--coordinator", "nohost", "--num-processes",
+                                  "2", "--process-id", "0"])
+    assert code == 1 and err.endswith("--coordinator must be host:port, got 'nohost'")
+    code, err = _run_cli(capsys, ["--model", "dummy", "--coordinator", "127.0.0.1:1234",
+                                  "--num-processes", "2", "--process-id", "2"])
+    assert code == 1 and err.endswith("--process-id must be in [0, 2), got 2")
+
+
+def test_cli_dp_generates_like_one_device(capsys):
+    """The CLI sizes pages and buckets for dp (3 prompts on dp=2: slots 0, 2 on replica 0)."""
+    argv = ["--model", "dummy", "--prompt-ids", "256,72,105", "--prompt-ids", "256,9",
+            "--prompt-ids", "5,6,7", "--max-new-tokens", "3", "--json", "--seed", "3",
+            "--max-seq-len", "16"]
+    assert generate.main(argv + ["--mesh", "dp=1"]) == 0
+    one = capsys.readouterr().out
+    assert generate.main(argv + ["--mesh", "dp=2,tp=2"]) == 0
+    assert capsys.readouterr().out == one and len(one.splitlines()) == 3
