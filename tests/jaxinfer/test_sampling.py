@@ -58,3 +58,138 @@ def test_same_seed_same_position_same_token_independent_of_batch():
 def test_bad_values_raise(kw):
     with pytest.raises(RequestError):
         SamplingParams.make(2, **kw)
+
+
+# -- penalties, logprobs, counting ---------------------------------------------------------------
+
+def _penalties_ref(logits, rep, pres, freq, prompt_mask, counts):
+    """Plain numpy, row by row, element by element: vLLM's order and rules."""
+    out = logits.astype(np.float64).copy()
+    for b in range(out.shape[0]):
+        for v in range(out.shape[1]):
+            if prompt_mask[b, v] or counts[b, v] > 0:
+                out[b, v] = out[b, v] / rep[b] if out[b, v] > 0 else out[b, v] * rep[b]
+            out[b, v] -= freq[b] * counts[b, v]
+            out[b, v] -= pres[b] * (counts[b, v] > 0)
+    return out
+
+
+def test_apply_penalties_matches_reference():
+    from jaxinfer.sampling import apply_penalties
+    rng = np.random.default_rng(0)
+    b, v = 4, 37
+    logits = rng.standard_normal((b, v)).astype(np.float32) * 3
+    prompt_mask = rng.random((b, v)) < 0.3
+    counts = (rng.integers(0, 4, (b, v)) * (rng.random((b, v)) < 0.3)).astype(np.int32)
+    rep, pres, freq = [1.3, 0.7, 1.0, 2.0], [0.5, -0.5, 0.0, 2.0], [0.25, 0.0, -1.0, 1.5]
+    p = SamplingParams.make(b, repetition_penalty=rep, presence_penalty=pres,
+                            frequency_penalty=freq)
+    got = np.asarray(apply_penalties(jnp.asarray(logits), p, jnp.asarray(prompt_mask),
+                                     jnp.asarray(counts)))
+    want = _penalties_ref(logits, rep, pres, freq, prompt_mask, counts)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # row 2 has only a frequency penalty: prompt-only tokens must stay exactly as they were
+    only_prompt = prompt_mask[2] & (counts[2] == 0)
+    assert only_prompt.any()
+    np.testing.assert_array_equal(got[2, only_prompt], logits[2, only_prompt])
+
+
+def test_penalties_off_is_identity_and_uses_penalties():
+    from jaxinfer.sampling import apply_penalties
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((3, 11)).astype(np.float32)
+    p = SamplingParams.make(3)
+    assert not p.uses_penalties()
+    out = apply_penalties(jnp.asarray(logits), p, jnp.ones((3, 11), bool),
+                          jnp.full((3, 11), 2, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(out), logits)
+    assert SamplingParams.make(3, presence_penalty=[0, 0, 0.1]).uses_penalties()
+    assert SamplingParams.make(3, repetition_penalty=1.1).uses_penalties()
+    padded = SamplingParams.make(2, frequency_penalty=1.0, temperature=0.5).pad(4)
+    np.testing.assert_array_equal(padded.frequency_penalty, [1, 1, 0, 0])
+    np.testing.assert_array_equal(padded.repetition_penalty, [1, 1, 1, 1])
+    np.testing.assert_array_equal(padded.temperature, [0.5, 0.5, 0, 0])
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    from jaxinfer.sampling import apply_penalties
+    logits = jnp.asarray([[2.0, 1.9, -1.0], [2.0, 1.9, -1.0]])
+    counts = jnp.asarray([[1, 0, 0], [1, 0, 0]], jnp.int32)
+    p = SamplingParams.make(2, repetition_penalty=[1.2, 1.0])
+    pen = apply_penalties(logits, p, jnp.zeros((2, 3), bool), counts)
+    toks = sample(pen, p, jnp.asarray(row_keys([0, 1])), jnp.zeros(2, jnp.int32),
+                  use_sampling=False)
+    assert np.asarray(toks).tolist() == [1, 0]
+
+
+def test_token_logprobs_match_numpy():
+    from jaxinfer.sampling import token_logprobs
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((3, 20)).astype(np.float32) * 4
+    tokens = np.array([5, 0, 19], np.int32)
+    lp, ids, top = token_logprobs(jnp.asarray(logits), jnp.asarray(tokens), 4)
+    x = logits.astype(np.float64)
+    ref = x - x.max(-1, keepdims=True)
+    ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(lp), ref[np.arange(3), tokens], rtol=1e-5, atol=1e-5)
+    want_ids = np.argsort(-ref, axis=-1)[:, :4]
+    np.testing.assert_array_equal(np.asarray(ids), want_ids)
+    np.testing.assert_allclose(np.asarray(top), np.take_along_axis(ref, want_ids, -1),
+                               rtol=1e-5, atol=1e-5)
+    assert ids.dtype == jnp.int32 and lp.shape == (3,)
+    lp0, ids0, top0 = token_logprobs(jnp.asarray(logits), jnp.asarray(tokens), 0)
+    assert ids0.shape == (3, 0) and top0.shape == (3, 0)
+    np.testing.assert_allclose(np.asarray(lp0), np.asarray(lp))
+    with pytest.raises(ValueError):
+        token_logprobs(jnp.asarray(logits), jnp.asarray(tokens), 21)
+
+
+def test_count_tokens_and_token_mask_under_jit():
+    import jax
+
+    from jaxinfer.sampling import count_tokens, token_mask
+    counts = jnp.zeros((3, 6), jnp.int32)
+    step = jax.jit(count_tokens)
+    counts = step(counts, jnp.array([1, 2, 3]), jnp.array([True, True, False]))
+    counts = step(counts, jnp.array([1, 5, 0]), jnp.array([True, True, True]))
+    want = np.zeros((3, 6), np.int32)
+    want[0, 1] = 2
+    want[1, 2] = want[1, 5] = want[2, 0] = 1
+    np.testing.assert_array_equal(np.asarray(counts), want)
+    # several tokens per row (a speculative step), with padding
+    multi = count_tokens(jnp.zeros((2, 4), jnp.int32), jnp.array([[3, 3, 0], [1, 2, 2]]),
+                         jnp.array([[True, True, False], [True, False, True]]))
+    np.testing.assert_array_equal(np.asarray(multi), [[0, 0, 0, 2], [0, 1, 1, 0]])
+    m = token_mask(jnp.array([[3, 3, 0], [1, 2, 2]]),
+                   jnp.array([[True, True, False], [True, False, True]]), 4)
+    np.testing.assert_array_equal(np.asarray(m), [[0, 0, 0, 1], [0, 1, 1, 0]])
+
+
+def test_filters_per_row_and_greedy_rows_unaffected():
+    # One batch mixing every filter; each row must draw only from its own allowed set,
+    # and greedy rows with hostile filter settings must still return the argmax.
+    n = 400
+    rows = [dict(temperature=1.0, top_k=2), dict(temperature=1.0, top_p=0.7),
+            dict(temperature=1.0, min_p=0.2), dict(temperature=0.0),
+            dict(temperature=1.0), dict(temperature=0.0, top_k=3, top_p=0.9)]
+    allowed = [{0, 1}, {0, 1}, {0, 1, 2}, {0}, None, {0}]
+    b = len(rows) * n
+    cols = {k: [r.get(k, d) for r in rows for _ in range(n)]
+            for k, d in dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0).items()}
+    params = SamplingParams.make(b, **cols)
+    lg = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (b, len(LOGITS)))
+    toks = np.asarray(sample(lg, params, jnp.asarray(row_keys(np.arange(b))),
+                             jnp.zeros(b, jnp.int32), use_sampling=True)).reshape(len(rows), n)
+    for i, want in enumerate(allowed):
+        if want is not None:
+            assert set(toks[i].tolist()) == want, (i, rows[i])
+    assert len(set(toks[4].tolist())) >= 4  # the unfiltered row really samples
+
+
+@pytest.mark.parametrize("kw", [dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0),
+                                dict(repetition_penalty=float("inf")),
+                                dict(presence_penalty=2.5), dict(presence_penalty=float("nan")),
+                                dict(frequency_penalty=-3.0), dict(temperature=[1.0, 2.0, 3.0])])
+def test_bad_penalties_raise(kw):
+    with pytest.raises(RequestError):
+        SamplingParams.make(2, **kw)
