@@ -161,6 +161,21 @@ class EngineConfig:
     # Unroll the layer scan: static weight slices instead of a while loop (faster on GPU when
     # XLA would otherwise copy each layer's weights out of the stacked arrays).
     unroll_layers: bool = False
+    # -- serving (serve/engine.py); generate.py and bench.py do not read these ------------------
+    # Tokens per engine step: decode tokens of running sequences plus prefill chunks. It also
+    # caps a prefill call's padded size (rows x chunk), so a step's work stays bounded.
+    max_num_batched_tokens: int = 512
+    # Decode batch sizes; the largest is the number of decode slots (running sequences).
+    serve_decode_buckets: tuple[int, ...] = (8, 16, 32, 64)
+    # Prefill chunk lengths (T) and rows (sequences per prefill call).
+    serve_prefill_buckets: tuple[int, ...] = (32, 128, 512)
+    serve_prefill_rows: tuple[int, ...] = (1, 4)
+    # Decode block-table widths (pages); None = (pages_per_seq // 4, pages_per_seq). The last
+    # must cover pages_per_seq. A width only matters for the reference attention, which reads
+    # every page of the table; prefill always uses the full width.
+    serve_page_buckets: tuple[int, ...] | None = None
+    max_logprobs: int = 20  # top logprobs a request may ask for (static in the step programs)
+    max_n: int = 8  # samples per request
 
     def __post_init__(self) -> None:
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -179,6 +194,31 @@ class EngineConfig:
                 f"cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        self._check_serving()
+
+    def _check_serving(self) -> None:
+        for name in ("serve_decode_buckets", "serve_prefill_buckets", "serve_prefill_rows"):
+            b = getattr(self, name)
+            if not b or list(b) != sorted(set(b)) or b[0] <= 0:
+                raise ConfigError(f"{name} must be strictly increasing positive ints, got {b}")
+        if self.max_num_batched_tokens < self.serve_decode_buckets[-1]:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= the largest "
+                f"decode bucket ({self.serve_decode_buckets[-1]}) so every running sequence "
+                "decodes each step")
+        if self.serve_prefill_buckets[0] > self.max_num_batched_tokens:
+            raise ConfigError(
+                f"the smallest serve_prefill_bucket ({self.serve_prefill_buckets[0]}) exceeds "
+                f"max_num_batched_tokens ({self.max_num_batched_tokens})")
+        w = self.serve_page_buckets
+        if w is not None and (not w or list(w) != sorted(set(w)) or w[0] <= 0
+                              or w[-1] < self.pages_per_seq):
+            raise ConfigError(
+                f"serve_page_buckets must be strictly increasing positive ints ending at >= "
+                f"pages_per_seq ({self.pages_per_seq}), got {w}")
+        if self.max_logprobs < 0 or self.max_n < 1:
+            raise ConfigError(f"max_logprobs must be >= 0 and max_n >= 1, got "
+                              f"{self.max_logprobs} and {self.max_n}")
 
     @property
     def pages_per_seq(self) -> int:
@@ -200,15 +240,27 @@ class ServeConfig:
     """The gRPC server around an engine."""
 
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: int = 50051  # 0: any free port (logged when SERVING)
     max_queue: int = 1024
     metrics_port: int | None = None
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS only
+    tls_key: str | None = None  # PEM private key
+    max_message_bytes: int = 4 * 1024 * 1024  # largest request or response message
+    drain_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.max_queue <= 0:
             raise ConfigError(f"max_queue must be positive, got {self.max_queue}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if not self.drain_timeout > 0:
+            raise ConfigError(f"drain_timeout must be > 0, got {self.drain_timeout}")
 
 
 # Random-weight presets: real shapes, no download. `dummy` is tiny enough for a laptop CPU.
