@@ -1,0 +1,179 @@
+"""`python -m serve --model DIR|dummy [...]`: load a model, warm up, serve gRPC until SIGTERM.
+
+Every `EngineConfig` field is also a flag (`--page-size 16`, `--batch-buckets 1,8,32`,
+`--unroll-layers`), derived from the dataclass itself, so engine options never need a second
+list here. SIGTERM or SIGINT drains: health goes NOT_SERVING, new requests get UNAVAILABLE,
+in-flight requests finish, and the process exits 0; a second signal exits at once with 1.
+Errors before serving print one line `serve: error: ...` and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import types
+import typing
+from collections.abc import Sequence
+
+from jaxinfer.config import EngineConfig, ServeConfig
+from jaxinfer.errors import JaxinferError
+
+logger = logging.getLogger("serve")
+
+# Flags that are not EngineConfig fields or that the server owns.
+_OWN = {"model", "host", "port", "mesh", "metrics_port", "tls_cert", "tls_key", "max_queue",
+        "compile_cache", "max_message_bytes", "drain_timeout", "seed", "allow_pickle",
+        "log_level"}
+
+
+def _engine_flag(p: argparse.ArgumentParser, field: dataclasses.Field, hint) -> None:
+    flag = "--" + field.name.replace("_", "-")
+    default = field.default if field.default is not dataclasses.MISSING else None
+    help_ = f"EngineConfig.{field.name} (default {default!r})"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    elif origin is typing.Literal:
+        p.add_argument(flag, choices=[str(a) for a in args], default=None, help=help_)
+    elif origin is tuple:
+        item = args[0] if args else int
+        p.add_argument(flag, type=_csv(item), default=None, metavar="A,B,...", help=help_)
+    elif hint in (int, float, str):
+        p.add_argument(flag, type=hint, default=None, help=help_)
+
+
+def _csv(item):
+    def parse(text: str):
+        try:
+            return tuple(item(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__}s, "
+                                             f"got {text!r}") from None
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve",
+                                description="Serve a Llama-family model over gRPC "
+                                "(jaxinfer.v1, JetStream-compatible, health, reflection).")
+    p.add_argument("--model", required=True,
+                   help="HF or converted directory, or a preset (dummy, llama-3.2-1b-shape, ...)")
+    p.add_argument("--host", default=ServeConfig.host, help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=ServeConfig.port,
+                   help="port (default %(default)s; 0 picks a free one)")
+    p.add_argument("--mesh", default="dp=1,pp=1,tp=1")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics over HTTP on this port (same host)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
+    p.add_argument("--max-queue", type=int, default=ServeConfig.max_queue,
+                   help="waiting requests before RESOURCE_EXHAUSTED (default %(default)s)")
+    p.add_argument("--max-message-bytes", type=int, default=ServeConfig.max_message_bytes)
+    p.add_argument("--drain-timeout", type=float, default=ServeConfig.drain_timeout,
+                   help="seconds SIGTERM waits for in-flight requests (default %(default)s)")
+    p.add_argument("--compile-cache", default=None,
+                   help="JAX persistent compilation cache directory (fast restarts)")
+    p.add_argument("--seed", type=int, default=0, help="weights seed of random presets")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    hints = typing.get_type_hints(EngineConfig)
+    for field in dataclasses.fields(EngineConfig):
+        if field.name not in _OWN and field.init:
+            _engine_flag(p, field, hints[field.name])
+    return p
+
+
+def engine_config(args: argparse.Namespace, *, default_dtype: str) -> EngineConfig:
+    overrides = {}
+    for field in dataclasses.fields(EngineConfig):
+        value = getattr(args, field.name, None)
+        if field.name not in _OWN and value is not None:
+            overrides[field.name] = value
+    overrides.setdefault("dtype", default_dtype)
+    return EngineConfig(**overrides)
+
+
+async def _serve(server, shutdown: asyncio.Event) -> bool:
+    from serve.server import State
+
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        name = signal.Signals(signum).name
+        if signals > 1:
+            logger.warning("second %s: exiting now", name)
+            os._exit(1)
+        if server.state is State.STARTING:
+            # Nothing can be in flight before SERVING, and compiles cannot be interrupted:
+            # leave now rather than finish a warm-up nobody will use.
+            logger.info("%s during warm-up: exiting", name)
+            os._exit(0)
+        logger.info("%s: draining (send it again to exit at once)", name)
+        server.request_shutdown_state()
+        shutdown.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await server.start()
+    return await server.run(shutdown)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":  # JAX's backend probing is noise at INFO
+        logging.getLogger("jax").setLevel(logging.WARNING)
+    metrics_http = None
+    try:
+        serve_cfg = ServeConfig(host=args.host, port=args.port, max_queue=args.max_queue,
+                                metrics_port=args.metrics_port, tls_cert=args.tls_cert,
+                                tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
+                                drain_timeout=args.drain_timeout)
+        import jax  # heavy: after the cheap argument checks
+
+        from jaxinfer.model_loader import load_model
+        from serve.engine import Engine
+        from serve.metrics import MetricsHttpServer, PrometheusMetrics
+        from serve.server import Server
+        from sharding.mesh import make_mesh
+
+        engine_cfg = engine_config(
+            args, default_dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
+        mesh = make_mesh(args.mesh)
+        loaded = load_model(args.model, mesh=mesh, dtype=engine_cfg.dtype, seed=args.seed,
+                            allow_pickle=args.allow_pickle)
+        metrics = PrometheusMetrics()
+        engine = Engine(loaded, engine_cfg, mesh=mesh, max_queue=serve_cfg.max_queue,
+                        compile_cache_dir=args.compile_cache, metrics=metrics)
+        server = Server(engine, serve_cfg, metrics=metrics)
+        if serve_cfg.metrics_port is not None:
+            metrics_http = MetricsHttpServer(metrics, host=serve_cfg.host,
+                                             port=serve_cfg.metrics_port)
+        clean = asyncio.run(_serve(server, asyncio.Event()))
+    except (JaxinferError, OSError) as e:
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signal
+        return 130
+    finally:
+        if metrics_http is not None:
+            metrics_http.close()
+    logger.info("stopped (%s)", "drained" if clean else "drain cut short")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Prometheus metrics of a running server, served over HTTP on `--metrics-port`.
+
+`PrometheusMetrics` implements `serve.types.EngineMetrics`: the engine calls it from its own
+threads (prometheus_client's metric types are thread-safe and cheap), and the gRPC layer adds
+request counts by method and status code. Every metric lives in the object's own
+`CollectorRegistry`, never the process-wide default one, so two servers (or a test and a server)
+in one process never share or clash on a metric.
+
+Names follow Prometheus conventions (`_seconds`, `_total`) under the `jaxinfer_` prefix:
+
+    jaxinfer_time_to_first_token_seconds     histogram  arrival -> first token of a request
+    jaxinfer_inter_token_latency_seconds     histogram  between consecutive tokens of a sample
+    jaxinfer_e2e_request_latency_seconds     histogram  arrival -> last token of a request
+    jaxinfer_step_host_seconds               histogram  host time per engine step
+    jaxinfer_step_tokens_total               counter    tokens processed by engine steps
+    jaxinfer_num_requests_waiting            gauge      queue length
+    jaxinfer_num_requests_running            gauge      sequences in the running batch
+    jaxinfer_batch_occupancy                 gauge      used / compiled batch slots, in [0, 1]
+    jaxinfer_kv_pages_used / _free           gauge      KV cache pages
+    jaxinfer_prefix_cache_hit_rate           gauge      hit tokens / looked-up prompt tokens
+    jaxinfer_prefix_cache_{hit,queried}_tokens_total  counter
+    jaxinfer_preemptions_total               counter
+    jaxinfer_recompiles_total                counter    compilations after warm-up (a bug)
+    jaxinfer_requests_total{method,code}     counter    finished gRPC calls by status code
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.exposition import generate_latest
+
+logger = logging.getLogger(__name__)
+
+# Latency buckets from 1 ms to 2 min: TTFT on a loaded server and ITL of a small model both fit.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.3, 0.6, 1.0, 2.5, 5.0,
+                    10.0, 20.0, 40.0, 80.0, 120.0)
+_STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128,
+                 0.256, 0.512, 1.0)
+
+
+class PrometheusMetrics:
+    """EngineMetrics backed by prometheus_client, in a private registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ttft = Histogram("jaxinfer_time_to_first_token_seconds",
+                              "Time from request arrival to its first generated token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("jaxinfer_inter_token_latency_seconds",
+                             "Time between consecutive generated tokens of one sample.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("jaxinfer_e2e_request_latency_seconds",
+                             "Time from request arrival to its last generated token.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_host = Histogram("jaxinfer_step_host_seconds",
+                                   "Host (scheduling) time of one engine step.",
+                                   buckets=_STEP_BUCKETS, registry=r)
+        self.step_tokens = Counter("jaxinfer_step_tokens", "Tokens processed by engine steps.",
+                                   registry=r)
+        self.waiting = Gauge("jaxinfer_num_requests_waiting", "Requests in the queue.",
+                             registry=r)
+        self.running = Gauge("jaxinfer_num_requests_running",
+                             "Sequences in the running batch.", registry=r)
+        self.occupancy = Gauge("jaxinfer_batch_occupancy",
+                               "Fraction of the compiled batch slots in use.", registry=r)
+        self.pages_used = Gauge("jaxinfer_kv_pages_used", "KV cache pages in use.", registry=r)
+        self.pages_free = Gauge("jaxinfer_kv_pages_free", "KV cache pages free.", registry=r)
+        self.prefix_hit_rate = Gauge("jaxinfer_prefix_cache_hit_rate",
+                                     "Prompt tokens found in the prefix cache over prompt tokens "
+                                     "looked up, since start.", registry=r)
+        self.prefix_hit_tokens = Counter("jaxinfer_prefix_cache_hit_tokens",
+                                         "Prompt tokens found in the prefix cache.", registry=r)
+        self.prefix_queried_tokens = Counter("jaxinfer_prefix_cache_queried_tokens",
+                                             "Prompt tokens looked up in the prefix cache.",
+                                             registry=r)
+        self.preemptions = Counter("jaxinfer_preemptions", "Sequences preempted (recomputed).",
+                                   registry=r)
+        self.recompiles = Counter("jaxinfer_recompiles",
+                                  "Compilations after warm-up; anything but 0 is a bug.",
+                                  registry=r)
+        self.requests = Counter("jaxinfer_requests", "Finished gRPC calls.",
+                                ("method", "code"), registry=r)
+        self._lock = threading.Lock()
+        self._hit = 0
+        self._queried = 0
+
+    # -- EngineMetrics -------------------------------------------------------------------
+
+    def observe_ttft(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def observe_itl(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def observe_e2e(self, seconds: float) -> None:
+        self.e2e.observe(seconds)
+
+    def observe_step(self, host_seconds: float, tokens: int) -> None:
+        self.step_host.observe(host_seconds)
+        self.step_tokens.inc(tokens)
+
+    def set_state(self, *, queued: int, running: int, batch_occupancy: float, pages_used: int,
+                  pages_free: int) -> None:
+        self.waiting.set(queued)
+        self.running.set(running)
+        self.occupancy.set(batch_occupancy)
+        self.pages_used.set(pages_used)
+        self.pages_free.set(pages_free)
+
+    def add_prefix_lookup(self, *, hit_tokens: int, prompt_tokens: int) -> None:
+        self.prefix_hit_tokens.inc(hit_tokens)
+        self.prefix_queried_tokens.inc(prompt_tokens)
+        with self._lock:  # the rate must come from one consistent pair of totals
+            self._hit += hit_tokens
+            self._queried += prompt_tokens
+            self.prefix_hit_rate.set(self._hit / self._queried if self._queried else 0.0)
+
+    def add_preemptions(self, n: int) -> None:
+        self.preemptions.inc(n)
+
+    def add_recompiles(self, n: int) -> None:
+        self.recompiles.inc(n)
+
+    # -- gRPC layer ----------------------------------------------------------------------
+
+    def count_request(self, method: str, code: str) -> None:
+        self.requests.labels(method=method, code=code).inc()
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format (what the HTTP endpoint serves)."""
+        return generate_latest(self.registry)
+
+
+class MetricsHttpServer:
+    """The `/metrics` HTTP endpoint (any path answers) on its own daemon thread."""
+
+    def __init__(self, metrics: PrometheusMetrics, *, host: str, port: int) -> None:
+        self._server, self._thread = start_http_server(port, addr=host,
+                                                       registry=metrics.registry)
+        self.port = self._server.server_port
+        logger.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

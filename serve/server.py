@@ -1,0 +1,570 @@
+"""The gRPC server: `jaxinfer.v1.Generation`, JetStream's `jetstream_proto.Orchestrator`, the
+standard `grpc.health.v1` health service and server reflection, all on one `grpc.aio` server.
+
+Threads and queues::
+
+    client ──gRPC──▶ asyncio loop (one thread): handlers parse + validate (serve/api.py),
+                     │   Engine.submit(Request, on_output)           ──▶ engine threads
+                     │                                                    │
+                     │   per-call asyncio.Queue  ◀── loop.call_soon_threadsafe(on_output)
+                     ▼
+                     handler awaits the queue, converts each Output to a response and streams it
+
+The engine's threads never block on the network: `on_output` only hands the Output to the
+loop. A call that ends early (the client cancelled or went away, its deadline passed, the
+handler failed) cancels its request in the engine from the handler's `finally` (and, as a
+safety net, from the call's done-callback), so its KV pages are freed at once.
+
+Life cycle: `start()` binds the port with health NOT_SERVING; `warm_up()` compiles every bucket
+in a worker thread, starts the engine and turns health SERVING (generation calls get
+UNAVAILABLE until then); `drain()` turns health NOT_SERVING, refuses new work with UNAVAILABLE,
+lets the engine finish what it has, waits until every stream has sent its last message, then
+stops the gRPC server. `run()` strings these together around a shutdown event, which
+`python -m serve` sets on SIGTERM or SIGINT.
+
+Error mapping (every handler goes through `_guard`): RequestError -> INVALID_ARGUMENT,
+PreconditionError -> FAILED_PRECONDITION, CapacityError -> RESOURCE_EXHAUSTED,
+UnavailableError -> UNAVAILABLE, a request the engine ends with "deadline" ->
+DEADLINE_EXCEEDED, "aborted" -> UNAVAILABLE, "error" -> INTERNAL, any other exception ->
+INTERNAL (logged; the server goes on). A request whose bytes do not parse (for instance a
+string field that is not UTF-8, which protobuf rejects) gets INVALID_ARGUMENT too, not the
+INTERNAL that gRPC's default deserializer failure would give.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import enum
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jaxinfer.config import ServeConfig
+from jaxinfer.errors import CapacityError, ConfigError, RequestError, UnavailableError
+from serve import api
+from serve.protos import jaxinfer_v1_pb2 as pb
+from serve.protos import jetstream_pb2 as js
+from serve.types import Output, Request
+
+logger = logging.getLogger(__name__)
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+JETSTREAM_SERVICE = js.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+HEALTH_SERVICE = health.SERVICE_NAME
+SERVICE_NAMES = (GENERATION_SERVICE, JETSTREAM_SERVICE, HEALTH_SERVICE,
+                 reflection.SERVICE_NAME)
+
+# Finish reasons that end the whole call with a status instead of a last message.
+_FAILURES = {
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "aborted": grpc.StatusCode.UNAVAILABLE,
+    "cancelled": grpc.StatusCode.CANCELLED,
+    "error": grpc.StatusCode.INTERNAL,
+}
+
+
+class State(enum.Enum):
+    STARTING = "starting"  # bound, warming up
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class RpcFailure(Exception):
+    """Ends the current call with `code` and `details`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unparsable:
+    """Stands in for a request whose bytes protobuf refused, so the handler can answer
+    INVALID_ARGUMENT with a reason."""
+
+    type_name: str
+    reason: str
+
+
+def _tolerant_parser(cls) -> Callable[[bytes], object]:
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError) as e:
+            return _Unparsable(cls.DESCRIPTOR.full_name, str(e) or type(e).__name__)
+
+    return parse
+
+
+def _status_of(exc: BaseException) -> grpc.StatusCode | None:
+    if isinstance(exc, RequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, api.PreconditionError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, CapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE
+    return None
+
+
+class _Submission:
+    """One request inside the engine; its Outputs arrive on the server's loop in order."""
+
+    def __init__(self, engine, req: Request, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.req = req
+        self._loop = loop
+        self._pending: collections.deque[Output] = collections.deque()
+        self._wake = asyncio.Event()
+        self._open = req.n  # samples without a finish reason yet
+        self._ended = False  # finished, failed or cancelled: nothing more to cancel
+        self.completion_tokens = 0
+
+    def on_output(self, out: Output) -> None:  # called on an engine thread
+        try:
+            self._loop.call_soon_threadsafe(self._push, out)
+        except RuntimeError:  # the loop has closed: the server is gone, nobody is listening
+            pass
+
+    def _push(self, out: Output) -> None:
+        self._pending.append(out)
+        self._wake.set()
+
+    @property
+    def finished(self) -> bool:
+        return self._ended or self._open == 0
+
+    async def next_batch(self) -> list[Output]:
+        """Every Output that has arrived (at least one), merged per sample: a client slower
+        than the engine gets fewer, larger messages instead of a growing backlog.
+
+        Raises RpcFailure when the engine ended the request with a failure reason (after the
+        Outputs that came before it have been returned).
+        """
+        while not self._pending:
+            self._wake.clear()
+            await self._wake.wait()
+        batch: list[Output] = []
+        while self._pending:
+            out = self._pending[0]
+            if out.finish_reason in _FAILURES:
+                if batch:
+                    break
+                self._pending.popleft()
+                self._ended = True
+                raise self._failure(out)
+            self._pending.popleft()
+            self.completion_tokens += len(out.token_ids)
+            if out.finish_reason is not None:
+                self._open -= 1
+            batch.append(out)
+        return _merge(batch)
+
+    def _failure(self, out: Output) -> RpcFailure:
+        what = {"deadline": "deadline exceeded", "aborted": "server stopped",
+                "cancelled": "request cancelled by the server",
+                "error": "request failed"}[out.finish_reason]
+        detail = f": {out.error}" if out.error else ""
+        return RpcFailure(_FAILURES[out.finish_reason],
+                          f"{what} after {self.completion_tokens} generated token(s){detail}")
+
+    def cancel(self, reason: str) -> None:
+        if self.finished:
+            return
+        self._ended = True
+        try:
+            self.engine.cancel(self.req.request_id, reason)
+        except Exception:  # the engine may already have dropped it; never fail the caller
+            logger.exception("engine.cancel(%s) failed", self.req.request_id)
+
+
+def _merge(batch: list[Output]) -> list[Output]:
+    """Concatenate consecutive Outputs of the same sample (in arrival order per sample)."""
+    merged: dict[int, Output] = {}
+    for out in batch:
+        prev = merged.get(out.index)
+        if prev is None:
+            merged[out.index] = out
+            continue
+        merged[out.index] = dataclasses.replace(
+            prev, token_ids=prev.token_ids + out.token_ids, text=prev.text + out.text,
+            logprobs=prev.logprobs + out.logprobs,
+            finish_reason=out.finish_reason or prev.finish_reason,
+            error=out.error or prev.error, usage=out.usage or prev.usage)
+    # the Output that carries the request's usage goes last, as it did from the engine
+    return sorted(merged.values(), key=lambda o: o.usage is not None)
+
+
+class Server:
+    """The gRPC server around an `Engine` (see the module docstring for its life cycle)."""
+
+    def __init__(self, engine, cfg: ServeConfig | None = None, *, metrics=None) -> None:
+        self.engine = engine
+        self.cfg = cfg or ServeConfig()
+        self.metrics = metrics
+        self.state = State.STARTING
+        self.port: int | None = None
+        self.info = engine.info()
+        self.limits = api.Limits.from_info(self.info)
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._active = 0  # calls with a request in the engine
+        self._drain_started = False
+        self._idle: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind and start answering (health NOT_SERVING until `warm_up`); returns the port."""
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        size = self.cfg.max_message_bytes
+        options = [("grpc.max_receive_message_length", size),
+                   ("grpc.max_send_message_length", size),
+                   # Without this a second server on the same port binds silently.
+                   ("grpc.so_reuseport", 0)]
+        self._grpc = grpc.aio.server(options=options)
+        self._grpc.add_generic_rpc_handlers((self._generation_handlers(),
+                                             self._jetstream_handlers()))
+        for name in ("", GENERATION_SERVICE, JETSTREAM_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(SERVICE_NAMES, self._grpc)
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        try:
+            if self.cfg.tls_cert:
+                key = _read(self.cfg.tls_key, "--tls-key")
+                creds = grpc.ssl_server_credentials([(key, _read(self.cfg.tls_cert,
+                                                                 "--tls-cert"))])
+                self.port = self._grpc.add_secure_port(address, creds)
+            else:
+                self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError as e:
+            raise ConfigError(f"cannot listen on {address}: {e}") from None
+        if not self.port:
+            raise ConfigError(f"cannot listen on {address} (in use or not a local address)")
+        await self._grpc.start()
+        logger.info("listening on %s (warming up)", self.address)
+        return self.port
+
+    async def warm_up(self, *, progress: bool = True) -> None:
+        """Compile every bucket, start the engine and turn health SERVING."""
+        t0 = time.perf_counter()
+        await asyncio.to_thread(self.engine.warmup, progress=progress)
+        self.engine.start()
+        if self.state is not State.STARTING:  # a shutdown came in while warming up
+            return
+        self.state = State.SERVING
+        for name in ("", GENERATION_SERVICE, JETSTREAM_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("SERVING on %s%s (model %s, warm-up %.1f s)", self.address,
+                    " with TLS" if self.cfg.tls_cert else "", api.model_name(self.info) or "?",
+                    time.perf_counter() - t0)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new work, finish what is in flight, stop. True when nothing was cut off."""
+        timeout = self.cfg.drain_timeout if timeout is None else timeout
+        if self._drain_started or self.state is State.STOPPED:
+            return True
+        self._drain_started = True
+        logger.info("draining: %d call(s) in flight", self._active)
+        self.state = State.DRAINING
+        t0 = time.monotonic()
+        await self._health.enter_graceful_shutdown()
+        clean = await asyncio.to_thread(self.engine.drain, timeout)
+        if not clean:
+            logger.warning("drain timed out after %.0f s; stopping the engine", timeout)
+            await asyncio.to_thread(self.engine.stop)
+        try:  # the engine is done; let every handler send its last messages
+            await asyncio.wait_for(self._idle.wait(),
+                                   max(1.0, timeout - (time.monotonic() - t0)))
+        except TimeoutError:
+            clean = False
+            logger.warning("%d call(s) still open after the drain", self._active)
+        await self.stop(grace=1.0)
+        return clean
+
+    async def stop(self, grace: float | None = 0.0) -> None:
+        self.state = State.STOPPED
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await asyncio.to_thread(self.engine.stop)
+
+    async def run(self, shutdown: asyncio.Event, *, progress: bool = True) -> bool:
+        """start -> warm_up -> wait for `shutdown` -> drain. True when the drain was clean."""
+        if self._grpc is None:
+            await self.start()
+        await self.warm_up(progress=progress)
+        await shutdown.wait()
+        return await self.drain()
+
+    def request_shutdown_state(self) -> None:
+        """Refuse new generation at once (called from a signal handler, before `drain`)."""
+        if self.state in (State.STARTING, State.SERVING):
+            self.state = State.DRAINING
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self.metrics is not None and hasattr(self.metrics, "count_request"):
+            self.metrics.count_request(method, code.name)
+
+    def _fail(self, method: str, exc: BaseException) -> RpcFailure:
+        code = _status_of(exc)
+        if code is None:
+            logger.exception("%s failed", method, exc_info=exc)
+            return RpcFailure(grpc.StatusCode.INTERNAL,
+                              f"internal error: {type(exc).__name__}: {exc}")
+        return RpcFailure(code, str(exc))
+
+    def _unary(self, method: str, fn, request_cls) -> grpc.RpcMethodHandler:
+        async def handler(request, context):
+            code = grpc.StatusCode.OK
+            try:
+                self._check_parsed(request)
+                return await fn(request, context)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = _cancel_code(context)
+                raise
+            except Exception as e:
+                failure = e if isinstance(e, RpcFailure) else self._fail(method, e)
+                code = failure.code
+                await context.abort(failure.code, failure.details)
+            finally:
+                self._count(method, code)
+
+        return grpc.unary_unary_rpc_method_handler(
+            handler, request_deserializer=_tolerant_parser(request_cls),
+            response_serializer=_serialize)
+
+    def _stream(self, method: str, fn, request_cls) -> grpc.RpcMethodHandler:
+        async def handler(request, context):
+            code = grpc.StatusCode.OK
+            try:
+                self._check_parsed(request)
+                async for item in fn(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = _cancel_code(context)
+                raise
+            except Exception as e:
+                failure = e if isinstance(e, RpcFailure) else self._fail(method, e)
+                code = failure.code
+                await context.abort(failure.code, failure.details)
+            finally:
+                self._count(method, code)
+
+        return grpc.unary_stream_rpc_method_handler(
+            handler, request_deserializer=_tolerant_parser(request_cls),
+            response_serializer=_serialize)
+
+    @staticmethod
+    def _check_parsed(request) -> None:
+        if isinstance(request, _Unparsable):
+            hint = "" if "UTF-8" in request.reason else " (string fields must be valid UTF-8)"
+            raise RequestError(f"cannot parse {request.type_name}: {request.reason}{hint}")
+
+    def _deadline(self, context) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _check_serving(self) -> None:
+        if self.state is State.STARTING:
+            raise UnavailableError("the server is warming up; retry shortly")
+        if self.state is not State.SERVING:
+            raise UnavailableError("the server is draining and accepts no new requests")
+
+    async def _outputs(self, req: Request, context) -> AsyncIterator[list[Output]]:
+        """Submit `req` and yield batches of its Outputs (`_Submission.next_batch`) until
+        every sample has finished.
+
+        Raises RpcFailure when the engine ends it with a failure reason. However the caller
+        stops iterating (done, failed, cancelled), an unfinished request is cancelled.
+        """
+        self._check_serving()
+        sub = _Submission(self.engine, req, self._loop)
+
+        def on_done(_ctx) -> None:
+            sub.cancel(_end_reason(context))
+
+        self.engine.submit(req, sub.on_output)  # raises RequestError, CapacityError, ...
+        self._active += 1
+        self._idle.clear()
+        context.add_done_callback(on_done)
+        try:
+            while not sub.finished:
+                yield await sub.next_batch()
+        finally:
+            sub.cancel(_end_reason(context))
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    # -- jaxinfer.v1.Generation --------------------------------------------------------------
+
+    def _generation_handlers(self) -> grpc.GenericRpcHandler:
+        m = {
+            "Generate": self._stream("Generate", self._generate, pb.GenerateRequest),
+            "GenerateUnary": self._unary("GenerateUnary", self._generate_unary,
+                                         pb.GenerateRequest),
+            "Tokenize": self._unary("Tokenize", self._tokenize, pb.TokenizeRequest),
+            "Detokenize": self._unary("Detokenize", self._detokenize, pb.DetokenizeRequest),
+            "ServerInfo": self._unary("ServerInfo", self._server_info, pb.ServerInfoRequest),
+        }
+        return grpc.method_handlers_generic_handler(GENERATION_SERVICE, m)
+
+    def _v1_request(self, msg: pb.GenerateRequest, context) -> tuple[Request, str, int | None]:
+        self._check_serving()
+        req = api.generate_request(msg, request_id=uuid.uuid4().hex,
+                                   tokenizer=self.engine.tokenizer, limits=self.limits,
+                                   deadline=self._deadline(context))
+        client_id = msg.request_id or req.request_id
+        logprobs = msg.sampling.logprobs if msg.sampling.HasField("logprobs") else None
+        return req, client_id, logprobs
+
+    async def _generate(self, msg: pb.GenerateRequest, context):
+        req, client_id, logprobs = self._v1_request(msg, context)
+        async for batch in self._outputs(req, context):
+            for out in batch:
+                yield api.generate_response(out, request_id=client_id, logprobs=logprobs)
+
+    async def _generate_unary(self, msg: pb.GenerateRequest, context):
+        req, client_id, logprobs = self._v1_request(msg, context)
+        done = [pb.Completion(index=i) for i in range(req.n)]
+        resp = pb.GenerateUnaryResponse(request_id=client_id)
+        async for batch in self._outputs(req, context):
+            for out in batch:
+                c = done[out.index]
+                c.token_ids.extend(out.token_ids)
+                c.text += out.text
+                if logprobs is not None:
+                    c.logprobs.extend(api.token_logprobs(out.logprobs, logprobs))
+                if out.finish_reason is not None:
+                    c.finish_reason = api.finish_reason(out.finish_reason)
+                if out.usage is not None:
+                    resp.usage.CopyFrom(api.usage(out.usage))
+        resp.completions.extend(done)
+        return resp
+
+    async def _tokenize(self, msg: pb.TokenizeRequest, context):
+        return api.tokenize(msg, self.engine.tokenizer)
+
+    async def _detokenize(self, msg: pb.DetokenizeRequest, context):
+        return api.detokenize(msg, self.engine.tokenizer, self.limits)
+
+    async def _server_info(self, msg: pb.ServerInfoRequest, context):
+        return server_info(self.info, self.limits, serving=self.state is State.SERVING,
+                           max_message_bytes=self.cfg.max_message_bytes,
+                           has_tokenizer=self.engine.tokenizer is not None)
+
+    # -- jetstream_proto.Orchestrator --------------------------------------------------------
+
+    def _jetstream_handlers(self) -> grpc.GenericRpcHandler:
+        m = {
+            "Decode": self._stream("Decode", self._decode, js.DecodeRequest),
+            "HealthCheck": self._unary("HealthCheck", self._health_check,
+                                       js.HealthCheckRequest),
+        }
+        return grpc.method_handlers_generic_handler(JETSTREAM_SERVICE, m)
+
+    async def _decode(self, msg: js.DecodeRequest, context):
+        self._check_serving()
+        req, ids_only = api.decode_request(msg, request_id=uuid.uuid4().hex,
+                                           tokenizer=self.engine.tokenizer, limits=self.limits,
+                                           deadline=self._deadline(context))
+        with_text = not ids_only and self.engine.tokenizer is not None
+        async for batch in self._outputs(req, context):
+            resp = api.decode_response(batch, n=req.n, with_text=with_text)
+            if resp is not None:
+                yield resp
+
+    async def _health_check(self, msg: js.HealthCheckRequest, context):
+        return js.HealthCheckResponse(is_live=self.state is State.SERVING)
+
+
+def _cancel_code(context) -> grpc.StatusCode:
+    if _end_reason(context) == "deadline":
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+def _end_reason(context) -> str:
+    remaining = context.time_remaining()
+    return "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+
+
+def _serialize(msg) -> bytes:
+    return msg.SerializeToString()
+
+
+def _read(path: str | None, flag: str) -> bytes:
+    if not path:
+        raise ConfigError(f"{flag} is required with TLS")
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: {e.strerror}") from None
+
+
+def server_info(info: dict, limits: api.Limits, *, serving: bool, max_message_bytes: int,
+                has_tokenizer: bool) -> pb.ServerInfoResponse:
+    """`ServerInfo` from `Engine.info()` (typed fields where the engine reports them, and the
+    whole dict as JSON)."""
+    from jaxinfer import __version__ as version
+
+    m = api._model_fields(info)
+    model = pb.ModelInfo(name=api.model_name(info), has_tokenizer=has_tokenizer,
+                         vocab_size=limits.vocab_size)
+    for field in ("family", "dtype", "kernels"):
+        value = m.get(field, info.get(field))
+        if isinstance(value, str):
+            setattr(model, field, value)
+    for field in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "max_position_embeddings"):
+        if isinstance(m.get(field), int):
+            setattr(model, field, m[field])
+    if isinstance(m.get("bos_token_id"), int):
+        model.bos_token_id = m["bos_token_id"]
+    model.eos_token_ids.extend(int(i) for i in m.get("eos_token_ids", ()) or ())
+    resp = pb.ServerInfoResponse(model=model, version=version, serving=serving,
+                                 engine_json=json.dumps(info, default=str, sort_keys=True))
+    for name, sizes in (info.get("buckets") or {}).items():
+        if isinstance(sizes, (list, tuple)) and all(isinstance(s, int) for s in sizes):
+            resp.buckets[str(name)].sizes.extend(sizes)
+    mesh = info.get("mesh")
+    if isinstance(mesh, dict):
+        for axis in ("dp", "pp", "tp"):
+            if isinstance(mesh.get(axis), int):
+                setattr(resp.mesh, axis, mesh[axis])
+        resp.mesh.devices.extend(str(d) for d in mesh.get("devices", ()) or ())
+    resp.limits.CopyFrom(pb.Limits(max_seq_len=limits.max_seq_len, max_tokens=limits.max_tokens,
+                                   max_n=limits.max_n, max_logprobs=limits.max_logprobs,
+                                   max_queue=limits.max_queue, page_size=limits.page_size,
+                                   num_pages=limits.num_pages,
+                                   max_message_bytes=max_message_bytes))
+    return resp

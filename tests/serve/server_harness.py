@@ -1,0 +1,134 @@
+"""Run a `serve.server.Server` on its own event-loop thread inside the test process, so tests
+can call it with ordinary blocking gRPC stubs; and build the one real-engine server that the
+server and JetStream tests share (the dummy model with small buckets: warm-up is what costs)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from jaxinfer.config import ServeConfig
+from serve.server import Server
+
+# Small enough to warm up fast on two CPU cores, large enough for 200 concurrent streams (most
+# of them wait in the queue), and for requests long enough (up to MAX_SEQ_LEN tokens, every
+# decode slot full: 32 x 32 pages) that tests can hold the batch busy for seconds.
+MAX_SEQ_LEN = 512
+MAX_QUEUE = 256
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
+class BackgroundServer:
+    """A Server started (and by default warmed) on 127.0.0.1:<free port> from a loop thread."""
+
+    def __init__(self, engine, cfg: ServeConfig | None = None, *, metrics=None,
+                 warm: bool = True) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.cfg = cfg or ServeConfig(port=0)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name="test-grpc-loop")
+        self._thread.start()
+        self.server = Server(engine, self.cfg, metrics=metrics)
+        self.port = self.call(self.server.start())
+        if warm:
+            self.warm_up()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def warm_up(self) -> None:
+        self.call(self.server.warm_up(progress=False))
+
+    def call(self, coro, timeout: float | None = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        return self.call(self.server.drain(timeout))
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.call(self.server.stop(grace=0), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+            self.loop.close()
+
+
+@dataclasses.dataclass
+class RealServer:
+    """The shared server over the real engine, plus what tests compare it with."""
+
+    bg: BackgroundServer
+    engine: object
+    metrics: object
+    tokenizer: object
+    offline: Callable[[list[list[int]], int], list[list[int]]]  # greedy Generator tokens
+    pages_used: Callable[[], int]
+
+
+_shared: list[RealServer] = []
+
+
+def real_engine_available() -> bool:
+    try:
+        import serve.engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def shared_real_server(config) -> RealServer:
+    """Build (once per pytest session) the dummy-model server on the real engine; `config`
+    (pytest's) closes it when the session ends."""
+    if _shared:
+        return _shared[0]
+    import jax
+
+    from jaxinfer.config import EngineConfig
+    from jaxinfer.generate import Generator
+    from jaxinfer.model_loader import load_model
+    from serve.engine import Engine
+    from serve.metrics import PrometheusMetrics
+    from sharding.mesh import make_mesh
+
+    mesh = make_mesh("dp=1,pp=1,tp=1", devices=jax.devices()[:1])
+    loaded = load_model("dummy", mesh=mesh, dtype="float32", seed=0)
+    engine_cfg = EngineConfig(page_size=16, num_pages=1024, max_seq_len=MAX_SEQ_LEN,
+                              prefill_buckets=(32,), batch_buckets=(32,), decode_steps=4,
+                              dtype="float32", serve_decode_buckets=(8, 32),
+                              serve_prefill_buckets=(32,), serve_prefill_rows=(1, 4),
+                              serve_page_buckets=(8, 32),
+                              max_num_batched_tokens=128, max_n=4, max_logprobs=5)
+    metrics = PrometheusMetrics()
+    engine = Engine(loaded, engine_cfg, mesh=mesh, max_queue=MAX_QUEUE, metrics=metrics)
+    cfg = ServeConfig(port=0, max_queue=MAX_QUEUE, max_message_bytes=MAX_MESSAGE_BYTES)
+    bg = BackgroundServer(engine, cfg, metrics=metrics)
+    gen_cfg = dataclasses.replace(engine_cfg, num_pages=32 * 8)
+    generator = Generator(loaded, gen_cfg, mesh=mesh)
+
+    def offline(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        out = []
+        for i in range(0, len(prompts), 32):
+            out += [c.token_ids for c in generator.generate(prompts[i: i + 32],
+                                                             max_new_tokens=max_tokens)]
+        return out
+
+    def pages_used() -> int:
+        return int(engine.stats()["pages_used"])
+
+    real = RealServer(bg, engine, metrics, loaded.tokenizer, offline, pages_used)
+    _shared.append(real)
+    config.add_cleanup(bg.close)
+    return real
