@@ -350,7 +350,9 @@ class Engine:
                 "max_num_batched_tokens": eng.max_num_batched_tokens,
             },
             "programs": len(self.runner.program_keys()),
-            "mesh": {str(k): int(v) for k, v in self.mesh.shape.items()},
+            "mesh": {**{str(k): int(v) for k, v in self.mesh.shape.items()},
+                     "devices": [f"{d.platform}:{getattr(d, 'device_kind', 'unknown')}"
+                                 for d in self.mesh.devices.flat]},
             "limits": {
                 "max_seq_len": self.context_limit, "max_tokens": self.context_limit - 1,
                 "max_n": eng.max_n, "max_logprobs": eng.max_logprobs,

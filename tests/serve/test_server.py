@@ -394,6 +394,7 @@ def test_tokenize_detokenize_and_server_info(real, channel):
     assert info.limits.max_message_bytes == harness.MAX_MESSAGE_BYTES
     assert info.buckets and all(b.sizes for b in info.buckets.values())
     assert (info.mesh.dp, info.mesh.pp, info.mesh.tp) == (1, 1, 1)
+    assert list(info.mesh.devices) == ["cpu:cpu"]  # loadgen rows name the device from this
     assert json.loads(info.engine_json)
 
 

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One GPU measurement campaign per call of the device tool (METHOD.md: few, full calls).
+#
+#   bash benchmarks/gpu_campaign.sh kernels   # GPU tests, qmatmul bench, generate with pallas/quant
+#   bash benchmarks/gpu_campaign.sh serving   # cold/warm start, load sweep, host time, offline b64
+#   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
+#
+# Writes JSON lines and logs under $OUT (default ./gpu_out); each step has its own time limit so
+# one hang cannot eat the call. The results we keep are copied into benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export JAXINFER_GIT_SHA=${JAXINFER_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+PY=${PY:-python3}
+MODEL=${MODEL:-llama-3.2-1b-shape}
+scrape() { $PY -c "import sys, urllib.request as u; sys.stdout.write(u.urlopen('http://127.0.0.1:$1/metrics').read().decode())"; }
+step() { echo "== $(date +%T) $*" | tee -a "$OUT/campaign.log"; }
+
+kernels() {
+  step "gpu tests"
+  JAX_PLATFORMS=cuda timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -rs \
+    tests/pallas_kernels tests/jaxinfer/test_pallas_e2e.py 2>&1 | tail -25 >"$OUT/gpu_tests.log"
+  step "qmatmul bench"
+  timeout 150 $PY -m jaxinfer.bench kernels --ops qmatmul >"$OUT/qmatmul.jsonl" 2>>"$OUT/bench.err"
+  step "generate bench"
+  for cfg in "--kernels reference" "--kernels pallas" "--kernels pallas --quant int8" \
+             "--kernels pallas --quant fp8"; do
+    timeout 120 $PY -m jaxinfer.bench --model "$MODEL" $cfg --batch 1,64 --prompt-len 128 \
+      --gen-len 256 --decode-steps 16 --repeat 2 >>"$OUT/generate.jsonl" 2>>"$OUT/bench.err"
+  done
+}
+
+serving() {
+  local cc=/tmp/jaxinfer_cc port=50061 mport=9161
+  local flags=(--model "$MODEL" --kernels "${KERNELS:-pallas}" --port $port --metrics-port $mport
+               --num-pages ${PAGES:-4096} --decode-steps 8 --compile-cache $cc --log-level WARNING)
+  rm -rf $cc
+  for start in cold warm; do
+    step "server $start start"
+    local t0; t0=$(date +%s.%N)
+    $PY -m serve "${flags[@]}" >>"$OUT/server.log" 2>&1 &
+    local pid=$!
+    $PY benchmarks/wait_serving.py 127.0.0.1:$port --timeout 300 --label "$start" \
+      --since "$t0" >>"$OUT/serving.jsonl" || { kill -9 $pid; return 1; }
+    if [ $start = cold ]; then
+      step "saturation + load sweep"
+      scrape $mport >"$OUT/metrics_before.txt"
+      timeout 150 $PY -m jaxinfer.bench serving --target 127.0.0.1:$port --rates inf \
+        --num-requests ${NREQ:-256} --prompt-len ${PL:-128} --gen-len ${GL:-256} --warmup 64 \
+        >>"$OUT/serving.jsonl" 2>>"$OUT/loadgen.err"
+      scrape $mport >"$OUT/metrics_after.txt"
+      local rps; rps=$($PY -c "import json,sys; r=[json.loads(l) for l in open('$OUT/serving.jsonl')]; print([x['value'] for x in r if x.get('metric') == 'req_s'][-1])")
+      local r50 r90; r50=$($PY -c "print(round(0.5*$rps,2))"); r90=$($PY -c "print(round(0.9*$rps,2))")
+      timeout 200 $PY -m jaxinfer.bench serving --target 127.0.0.1:$port --rates "$r50,$r90" \
+        --num-requests ${NREQ:-300} --prompt-len ${PL:-128} --gen-len ${GL:-256} --plot "$OUT/serving_latency.png" \
+        >>"$OUT/serving.jsonl" 2>>"$OUT/loadgen.err"
+    fi
+    kill -TERM $pid; wait $pid; echo "server exit $? ($start)" >>"$OUT/campaign.log"
+  done
+  step "offline batch 64"
+  timeout 150 $PY -m jaxinfer.bench --model "$MODEL" --kernels "${KERNELS:-pallas}" --batch 64 \
+    --prompt-len 128 --gen-len 256 --decode-steps 8 --repeat 2 >>"$OUT/serving.jsonl" \
+    2>>"$OUT/bench.err"
+}
+
+mesh() {
+  step "mesh sweep ${MESH_MODEL:-llama-3.1-8b-shape}"
+  timeout 560 $PY -m jaxinfer.bench --model "${MESH_MODEL:-llama-3.1-8b-shape}" \
+    --meshes "${MESHES:-tp=1;tp=2;pp=2;dp=2;tp=2,pp=2}" --batch "${MESH_BATCH:-1,32,64}" \
+    --prompt-len 128 --gen-len 256 --decode-steps 16 --repeat 2 \
+    --chart "$OUT/mesh_sweep.png" >"$OUT/mesh_sweep.jsonl" 2>"$OUT/mesh.err"
+}
+
+for what in "$@"; do "$what"; done
+step done
