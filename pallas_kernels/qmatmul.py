@@ -41,6 +41,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -358,11 +359,15 @@ def _matmul_kernel(layer_ref, x_ref, *refs, p: _Plan, group: int | None, transpo
         w = pltriton.load(tile, mask=w_mask, other=None if w_mask is None else zero(w_ref))
         return x, w.astype(compute_dtype)
 
+    # Triton's default dot precision rounds float32 inputs to TF32 (~1e-4 relative error, seen on
+    # the H100); float32 activations ask for full IEEE products like the other kernels do.
+    precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+
     # The accumulator is [bm, bn], or [bn, bm] with swap_ab; `cols`/`rows` broadcast a
     # per-column / per-row vector against it.
     if swap_ab:
         def dot(x, w):
-            return pltriton.dot(w, x, trans_a=not transposed, trans_b=True)
+            return pltriton.dot(w, x, trans_a=not transposed, trans_b=True, precision=precision)
 
         def cols(v):
             return v[:, None]
@@ -371,7 +376,7 @@ def _matmul_kernel(layer_ref, x_ref, *refs, p: _Plan, group: int | None, transpo
             return v[None, :]
     else:
         def dot(x, w):
-            return pltriton.dot(x, w, trans_b=transposed)  # float32 accumulation
+            return pltriton.dot(x, w, trans_b=transposed, precision=precision)  # f32 accum.
 
         def cols(v):
             return v[None, :]
