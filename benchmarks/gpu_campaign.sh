@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_campaign.sh kernels   # GPU tests, qmatmul bench, generate with pallas/quant
 #   bash benchmarks/gpu_campaign.sh serving   # cold/warm start, load sweep, host time, offline b64
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
+#   bash benchmarks/gpu_campaign.sh qmatmul_rerun   # qmatmul GPU tests + fp8 rows at M=4096/8192
 #
 # Writes JSON lines and logs under $OUT (default ./gpu_out); each step has its own time limit so
 # one hang cannot eat the call. The results we keep are copied into benchmarks/results/.
@@ -46,7 +47,6 @@ serving() {
       --since "$t0" >>"$OUT/serving.jsonl" || { kill -9 $pid; return 1; }
     if [ $start = cold ]; then
       step "saturation + load sweep"
-      scrape $mport >"$OUT/metrics_before.txt"
       timeout 150 $PY -m jaxinfer.bench serving --target 127.0.0.1:$port --rates inf \
         --num-requests ${NREQ:-256} --prompt-len ${PL:-128} --gen-len ${GL:-256} --warmup 64 \
         >>"$OUT/serving.jsonl" 2>>"$OUT/loadgen.err"
@@ -63,6 +63,20 @@ serving() {
   timeout 150 $PY -m jaxinfer.bench --model "$MODEL" --kernels "${KERNELS:-pallas}" --batch 64 \
     --prompt-len 128 --gen-len 256 --decode-steps 8 --repeat 2 >>"$OUT/serving.jsonl" \
     2>>"$OUT/bench.err"
+}
+
+qmatmul_rerun() {  # after a fix: the qmatmul GPU tests and the fp8 rows past M = 1024
+  step "qmatmul gpu tests"
+  JAX_PLATFORMS=cuda timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider \
+    tests/pallas_kernels/test_qmatmul.py 2>&1 | tail -15 >>"$OUT/kernels_extra.log"
+  step "fp8 rows M=4096,8192"
+  timeout 200 $PY -c "
+import json
+from jaxinfer.kernel_bench import qmatmul as q
+for m in (4096, 8192):
+    for row in q.run_case(q.Case('fp8', m, 8192, 8192), iterations=20):
+        print(json.dumps(row), flush=True)
+" >>"$OUT/kernels_extra.log" 2>>"$OUT/bench.err"
 }
 
 mesh() {
