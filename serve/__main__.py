@@ -85,10 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weights seed of random presets")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    p.add_argument("--switch-interval-ms", type=float, default=0.5,
-                   help="Python's GIL switch interval (default %(default)s; CPython's own is 5): "
-                   "the engine's device thread waits at most this long for the GIL while the "
-                   "gRPC loop streams tokens")
     hints = typing.get_type_hints(EngineConfig)
     for field in dataclasses.fields(EngineConfig):
         if field.name not in _OWN and field.init:
@@ -141,13 +137,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level != "DEBUG":  # JAX's backend probing is noise at INFO
         logging.getLogger("jax").setLevel(logging.WARNING)
     metrics_http = None
-    if not args.switch_interval_ms > 0:
-        print(f"serve: error: --switch-interval-ms must be > 0, got {args.switch_interval_ms:g}",
-              file=sys.stderr)
-        return 1
-    # The device thread releases and retakes the GIL around every dispatch and host copy; with
-    # the gRPC loop busy streaming, each retake can wait a whole switch interval.
-    sys.setswitchinterval(args.switch_interval_ms / 1e3)
     try:
         serve_cfg = ServeConfig(host=args.host, port=args.port, max_queue=args.max_queue,
                                 metrics_port=args.metrics_port, tls_cert=args.tls_cert,

@@ -29,6 +29,10 @@ from pallas_kernels import qmatmul as qm
 # (int8 -> bf16/f32 is exact; e4m3 x e4m3 is exact in f32) and differ only in summation order;
 # bf16/f16 outputs add one final rounding each (2^-8 relative), which may differ by one ulp.
 TOL = {"float32": 2e-5, "bfloat16": 1e-2, "float16": 2e-3}
+# Hopper's fp8 tensor-core MMA accumulates with fewer bits than float32 (DeepSeek-V3's report
+# measures ~14), in our Triton tile and in cuBLASLt's reference dot alike: on the H100 a float32
+# fp8 case differed by 2e-4 of the output RMS. Compiled fp8 cases get this floor.
+FP8_MMA_TOL = 1e-3
 # Small tiles so the interpret cases still span several programs along M, N and K.
 SMALL = qm.QMatmulTuning(
     small=qm.MatmulBlocks(block_m=16, block_n=32, block_k=64, split_k=2, num_stages=2),
@@ -114,11 +118,13 @@ def _reference(case: Case, x, qa) -> np.ndarray:
     return np.asarray(out.astype(jnp.float32))
 
 
-def _assert_close(got: np.ndarray, want: np.ndarray, dtype: str) -> None:
+def _assert_close(got: np.ndarray, want: np.ndarray, dtype: str, *,
+                  fp8_mma: bool = False) -> None:
     assert got.shape == want.shape
     assert np.isfinite(got).all(), "NaN/inf in the output: an unmasked tail or unwritten tile"
-    tol = TOL[dtype] * float(np.sqrt(np.mean(want ** 2)))
-    np.testing.assert_allclose(got, want, atol=tol, rtol=TOL[dtype])
+    rel = max(TOL[dtype], FP8_MMA_TOL) if fp8_mma else TOL[dtype]
+    tol = rel * float(np.sqrt(np.mean(want ** 2)))
+    np.testing.assert_allclose(got, want, atol=tol, rtol=rel)
 
 
 def _skip_unless_supported(interpret: bool, kind: str) -> None:
@@ -144,7 +150,8 @@ class QMatmulCases:
         _skip_unless_supported(self.INTERPRET, case.kind)
         x, qa = build(case, seed=zlib.crc32(name.encode()))
         got = _run(case, x, qa, interpret=self.INTERPRET)
-        _assert_close(got, _reference(case, x, qa), case.out_dtype or case.x_dtype)
+        _assert_close(got, _reference(case, x, qa), case.out_dtype or case.x_dtype,
+                      fp8_mma=case.kind == "fp8" and not self.INTERPRET)
 
     def test_reference_is_the_dequantized_product(self):
         """The references compute x @ dequantize(w) (fp8: with x through its e4m3 rounding)."""
