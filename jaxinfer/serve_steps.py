@@ -344,8 +344,12 @@ class ServingRunner:
         return exe if exe is not None else self.compile(key, cache, state)
 
     # -- steps ---------------------------------------------------------------------------
-    def put(self, x: np.ndarray) -> jax.Array:
-        return jax.device_put(x, self._rep)
+    @staticmethod
+    def host_input(x: np.ndarray) -> np.ndarray:
+        """A step's packed int32 inputs, handed to the compiled program as a NumPy array: its
+        C++ dispatch path transfers it with the compiled (replicated) input sharding. A Python
+        `jax.device_put` first cost 0.47 ms per step on the H100 host (25 us vs 6 us on CPU)."""
+        return np.ascontiguousarray(x, np.int32)
 
     def decode(self, cache: PagedKVCache, state: SlotState, *, slots: np.ndarray,
                positions: np.ndarray, block_tables: np.ndarray, full: bool
@@ -356,7 +360,7 @@ class ServingRunner:
         inputs = np.concatenate([slots[:, None], positions[:, None], block_tables], axis=1)
         fwd = self._exe(("decode", b, w), cache, state)
         cache, logits, meta = fwd(self.params, cache, state.tokens,
-                                  self.put(inputs.astype(np.int32, copy=False)))
+                                  self.host_input(inputs))
         state, out = self._exe(("sample", b, full), cache, state)(state, logits, meta)
         return cache, state, out
 
@@ -373,7 +377,7 @@ class ServingRunner:
             [tokens, block_tables, meta.astype(np.int32), int_params,
              np.ascontiguousarray(float_params, np.float32).view(np.int32)], axis=1)
         exe = self._exe(("prefill", r, t), cache, state)
-        return exe(self.params, cache, state, self.put(inputs.astype(np.int32, copy=False)))
+        return exe(self.params, cache, state, self.host_input(inputs))
 
     def run_padding(self, cache: PagedKVCache, state: SlotState
                     ) -> tuple[PagedKVCache, SlotState]:
