@@ -404,9 +404,11 @@ class Engine:
             t0 = time.perf_counter()
             failed = None
             handle = None
+            sched_s = 0.0
             try:
                 so = sched.schedule()
                 self._after_schedule(so, events)
+                sched_s = time.perf_counter() - t0
                 if so.has_work:
                     try:
                         handle = self._dispatch(so)
@@ -428,7 +430,9 @@ class Engine:
                 t1 = time.perf_counter()
                 if results is not None:
                     self._apply_results(pending[0], results, events)
-                host += time.perf_counter() - t1
+                t2 = time.perf_counter()
+                host += t2 - t1
+                sched_s += t2 - t1
             if failed is not None:
                 sched.discard(failed[0])
                 self._device_failure(failed[1], events)
@@ -437,7 +441,7 @@ class Engine:
             if events:
                 self._outq.put(events)
             if so is not None:
-                self._publish(so, host)
+                self._publish(so, host, sched_s)
             if pending is None and not events:
                 self._wake.wait(_IDLE_WAIT if not sched.has_unfinished() else 0.001)
                 self._wake.clear()
@@ -582,12 +586,12 @@ class Engine:
         self._cache = self.runner.init_cache()
         self._slots = self.runner.init_state()
 
-    def _publish(self, so: SchedulerOutput, host_seconds: float) -> None:
+    def _publish(self, so: SchedulerOutput, host_seconds: float, schedule_seconds: float) -> None:
         sched = self.scheduler
         stats = sched.stats()
         self._stats = stats
         if so.has_work:
-            self._metric("observe_step", host_seconds, so.num_batched_tokens)
+            self._metric("observe_step", host_seconds, so.num_batched_tokens, schedule_seconds)
         self._metric("set_state", queued=sched.num_waiting, running=sched.num_running,
                      batch_occupancy=len(so.decode_seqs) / sched.num_slots,
                      pages_used=stats["pages_used"], pages_free=stats["pages_free"])

@@ -11,7 +11,8 @@ Names follow Prometheus conventions (`_seconds`, `_total`) under the `jaxinfer_`
     jaxinfer_time_to_first_token_seconds     histogram  arrival -> first token of a request
     jaxinfer_inter_token_latency_seconds     histogram  between consecutive tokens of a sample
     jaxinfer_e2e_request_latency_seconds     histogram  arrival -> last token of a request
-    jaxinfer_step_host_seconds               histogram  host time per engine step
+    jaxinfer_step_host_seconds               histogram  host time per engine step (all of it)
+    jaxinfer_step_schedule_seconds           histogram  its scheduler share (schedule + update)
     jaxinfer_step_tokens_total               counter    tokens processed by engine steps
     jaxinfer_num_requests_waiting            gauge      queue length
     jaxinfer_num_requests_running            gauge      sequences in the running batch
@@ -57,8 +58,13 @@ class PrometheusMetrics:
                              "Time from request arrival to its last generated token.",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.step_host = Histogram("jaxinfer_step_host_seconds",
-                                   "Host (scheduling) time of one engine step.",
+                                   "Host time of one engine step: scheduling, dispatch of "
+                                   "the device programs, reading back and applying results.",
                                    buckets=_STEP_BUCKETS, registry=r)
+        self.step_schedule = Histogram("jaxinfer_step_schedule_seconds",
+                                       "Scheduler share of a step's host time: schedule() and "
+                                       "update_from_output() with their bookkeeping.",
+                                       buckets=_STEP_BUCKETS, registry=r)
         self.step_tokens = Counter("jaxinfer_step_tokens", "Tokens processed by engine steps.",
                                    registry=r)
         self.waiting = Gauge("jaxinfer_num_requests_waiting", "Requests in the queue.",
@@ -99,8 +105,10 @@ class PrometheusMetrics:
     def observe_e2e(self, seconds: float) -> None:
         self.e2e.observe(seconds)
 
-    def observe_step(self, host_seconds: float, tokens: int) -> None:
+    def observe_step(self, host_seconds: float, tokens: int,
+                     schedule_seconds: float = 0.0) -> None:
         self.step_host.observe(host_seconds)
+        self.step_schedule.observe(schedule_seconds)
         self.step_tokens.inc(tokens)
 
     def set_state(self, *, queued: int, running: int, batch_occupancy: float, pages_used: int,

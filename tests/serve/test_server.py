@@ -630,7 +630,8 @@ def test_metrics_endpoint(real, channel):
                  "jaxinfer_num_requests_running", "jaxinfer_batch_occupancy",
                  "jaxinfer_kv_pages_used", "jaxinfer_kv_pages_free",
                  "jaxinfer_prefix_cache_hit_rate", "jaxinfer_preemptions_total",
-                 "jaxinfer_recompiles_total", "jaxinfer_requests_total"):
+                 "jaxinfer_recompiles_total", "jaxinfer_requests_total",
+                 "jaxinfer_step_host_seconds_sum", "jaxinfer_step_schedule_seconds_sum"):
         assert re.search(rf"^{name}", body, re.MULTILINE), name
     samples = dict(re.findall(r"^(\w+(?:\{[^}]*\})?) (\S+)$", body, re.MULTILINE))
     assert float(samples["jaxinfer_time_to_first_token_seconds_count"]) >= 1
@@ -639,6 +640,10 @@ def test_metrics_endpoint(real, channel):
     assert float(samples['jaxinfer_requests_total{code="OK",method="GenerateUnary"}']) >= 1
     assert float(samples["jaxinfer_kv_pages_free"]) > 0
     assert float(samples["jaxinfer_recompiles_total"]) == 0
+    steps = float(samples["jaxinfer_step_host_seconds_count"])
+    assert steps >= 4 and float(samples["jaxinfer_step_schedule_seconds_count"]) == steps
+    assert 0 < float(samples["jaxinfer_step_schedule_seconds_sum"]) \
+        <= float(samples["jaxinfer_step_host_seconds_sum"])
 
 
 def test_zero_recompiles_after_warm_up(real, channel):
