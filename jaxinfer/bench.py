@@ -174,7 +174,8 @@ def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
     seq = args.prompt_len + args.gen_len
     runnable = [b for b in batch_sizes if b % spec.dp == 0]
     base = dict(name="generate", model=args.model, dtype=dtype, quant=loaded.quant,
-                mesh=str(spec), kernels=args.kernels, unroll_layers=args.unroll_layers,
+                mesh=str(spec), kernels=args.kernels,
+                unroll_layers=EngineConfig(unroll_layers=args.unroll_layers).layer_unroll,
                 decode_steps=args.decode_steps, prompt_len=args.prompt_len,
                 gen_len=args.gen_len, device=device_name(), num_devices=spec.size,
                 jax_version=jax.__version__, git_sha=git_sha())
@@ -379,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=16, help="decode tokens per dispatch")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--unroll-layers", action="store_true",
-                   help="unroll the layer loop (static weight slices)")
+    p.add_argument("--unroll-layers", type=int, default=None, metavar="N",
+                   help="layers per iteration of the layer loop (>= the layer count: fully "
+                   "unrolled; default: EngineConfig's, 4 on GPU and 1 elsewhere)")
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="bandwidth for roofline_frac (default: measured copy bandwidth on GPU)")
     multihost.add_distributed_args(p)

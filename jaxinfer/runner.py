@@ -74,7 +74,7 @@ class DecodeState:
 
 
 def prefill_step(graphdef, params, cache: PagedKVCache, inputs: PrefillInputs, *,
-                 kernels: str, use_sampling: bool, unroll_layers: bool = False
+                 kernels: str, use_sampling: bool, unroll_layers: int = 1
                  ) -> tuple[PagedKVCache, jax.Array, jax.Array]:
     """Write a prompt chunk into the cache; return (cache, next tokens [B], logits [B, V])."""
     model = nnx.merge(graphdef, params)
@@ -118,7 +118,7 @@ def _eos_array(eos_ids: tuple[int, ...]) -> jax.Array:
 
 def decode_step(graphdef, params, cache: PagedKVCache, state: DecodeState, *, kernels: str,
                 use_sampling: bool, num_steps: int, eos_ids: tuple[int, ...],
-                unroll_layers: bool = False) -> tuple[PagedKVCache, DecodeState, jax.Array]:
+                unroll_layers: int = 1) -> tuple[PagedKVCache, DecodeState, jax.Array]:
     """Generate `num_steps` tokens per row; returns tokens [num_steps, B] (-1 once a row stops)."""
     model = nnx.merge(graphdef, params)
     eos = _eos_array(eos_ids)
@@ -149,7 +149,7 @@ def _rows(a: jax.Array, m: jax.Array, size: int) -> jax.Array:
 
 
 def _prefill_pipelined(model, cache: PagedKVCache, inputs: PrefillInputs, *, kernels: str,
-                       unroll_layers: bool, num_stages: int) -> tuple[PagedKVCache, jax.Array]:
+                       unroll_layers: int, num_stages: int) -> tuple[PagedKVCache, jax.Array]:
     """GPipe over the prompt chunk; returns (cache, final-normed hidden [B, D] at logit_index)."""
     b, t = inputs.tokens.shape
     m_count = pipeline.num_microbatches(b, num_stages)
@@ -185,7 +185,7 @@ _MOVING = ("tokens", "seq_lens", "remaining", "active")  # the DecodeState field
 
 def _decode_pipelined(model, cache: PagedKVCache, state: DecodeState, *, kernels: str,
                       use_sampling: bool, num_steps: int, eos_ids: tuple[int, ...],
-                      unroll_layers: bool, num_stages: int
+                      unroll_layers: int, num_stages: int
                       ) -> tuple[PagedKVCache, DecodeState, jax.Array]:
     """`decode_step` on the cyclic pipeline of `sharding.pipeline.pipelined_decode`."""
     b = state.tokens.shape[0]
@@ -234,7 +234,7 @@ def _decode_pipelined(model, cache: PagedKVCache, state: DecodeState, *, kernels
 
 
 def _prefill_local(graphdef, params, cache: PagedKVCache, inputs: PrefillInputs, *, kernels: str,
-                   use_sampling: bool, unroll_layers: bool, num_stages: int,
+                   use_sampling: bool, unroll_layers: int, num_stages: int,
                    pages_per_replica: int) -> tuple[PagedKVCache, jax.Array, jax.Array]:
     """prefill_step on one (dp replica, pp stage) block."""
     bt, slots = to_local_pages(inputs.block_tables, inputs.slots,
@@ -254,7 +254,7 @@ def _prefill_local(graphdef, params, cache: PagedKVCache, inputs: PrefillInputs,
 
 def _decode_local(graphdef, params, cache: PagedKVCache, state: DecodeState, *, kernels: str,
                   use_sampling: bool, num_steps: int, eos_ids: tuple[int, ...],
-                  unroll_layers: bool, num_stages: int, pages_per_replica: int
+                  unroll_layers: int, num_stages: int, pages_per_replica: int
                   ) -> tuple[PagedKVCache, DecodeState, jax.Array]:
     """decode_step on one (dp replica, pp stage) block; the state keeps global page ids."""
     global_bt = state.block_tables
@@ -354,7 +354,7 @@ class Runner:
     def _prefill_fn(self, cache: PagedKVCache, inputs: PrefillInputs, use_sampling: bool):
         eng = self.engine_cfg
         static = dict(kernels=eng.kernels, use_sampling=use_sampling,
-                      unroll_layers=eng.unroll_layers)
+                      unroll_layers=eng.layer_unroll)
         if not self._manual:
             return _partial(prefill_step, self.graphdef, **static)
         body = _partial(_prefill_local, self.graphdef, num_stages=self.spec.pp,
@@ -378,7 +378,7 @@ class Runner:
                    use_sampling: bool):
         eng = self.engine_cfg
         static = dict(kernels=eng.kernels, use_sampling=use_sampling, num_steps=steps,
-                      eos_ids=self.model_cfg.eos_token_ids, unroll_layers=eng.unroll_layers)
+                      eos_ids=self.model_cfg.eos_token_ids, unroll_layers=eng.layer_unroll)
         if not self._manual:
             return _partial(decode_step, self.graphdef, **static)
         body = _partial(_decode_local, self.graphdef, num_stages=self.spec.pp,

@@ -113,7 +113,7 @@ def _choose(logits: jax.Array, state: SlotState, slot: jax.Array, fp: jax.Array,
 
 
 def serve_decode_forward(graphdef, params, cache: PagedKVCache, last_tokens: jax.Array,
-                         inputs: jax.Array, *, kernels: str, unroll_layers: bool = False
+                         inputs: jax.Array, *, kernels: str, unroll_layers: int = 1
                          ) -> tuple[PagedKVCache, jax.Array]:
     """The model half of a decode step: one token for each of B rows.
 
@@ -147,7 +147,7 @@ def serve_decode_sample(state: SlotState, logits: jax.Array, inputs: jax.Array, 
 
 def serve_prefill_step(graphdef, params, cache: PagedKVCache, state: SlotState,
                        inputs: jax.Array, *, chunk: int, width: int, kernels: str,
-                       num_logprobs: int, unroll_layers: bool = False
+                       num_logprobs: int, unroll_layers: int = 1
                        ) -> tuple[PagedKVCache, SlotState, jax.Array]:
     """A chunk of up to T known tokens for each of R rows, sampled with the full sampler (R is
     small, so always paying for it is cheaper than a second program family).
@@ -275,7 +275,7 @@ class ServingRunner:
             def fn(params, cache, last_tokens, inputs):
                 cache, logits = serve_decode_forward(
                     self.graphdef, params, cache, last_tokens, inputs, kernels=eng.kernels,
-                    unroll_layers=eng.unroll_layers)
+                    unroll_layers=eng.layer_unroll)
                 return cache, logits, inputs[:, :2]
 
             args = (self.params, cache_spec, state_spec.tokens, ints(b, 2 + w))
@@ -297,7 +297,7 @@ class ServingRunner:
             return serve_prefill_step(self.graphdef, params, cache, state, inputs, chunk=t,
                                       width=w, kernels=eng.kernels,
                                       num_logprobs=self.num_logprobs,
-                                      unroll_layers=eng.unroll_layers)
+                                      unroll_layers=eng.layer_unroll)
 
         args = (self.params, cache_spec, state_spec,
                 ints(r, t + w + NUM_META + NUM_INT + NUM_FLOAT))

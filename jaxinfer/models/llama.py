@@ -130,7 +130,7 @@ class Llama(nnx.Module):
         slots: jax.Array,  # [B, T] int32 flat cache slot per token, < 0 for padding
         *,
         kernels: Kernels = "reference",
-        unroll_layers: bool = False,
+        unroll_layers: int | bool = 1,
     ) -> tuple[jax.Array, PagedKVCache]:
         """Run the decoder; returns the final-normed hidden states [B, T, D] and the cache."""
         x = self.embed_tokens(tokens)
@@ -152,7 +152,7 @@ class Llama(nnx.Module):
         slots: jax.Array,  # [B, T] int32, < 0 for padding
         *,
         kernels: Kernels = "reference",
-        unroll_layers: bool = False,
+        unroll_layers: int | bool = 1,
     ) -> tuple[jax.Array, PagedKVCache]:
         """Run the layers this module holds on x [B, T, D]. Under pipeline parallelism that is
         one stage's share: its stacked weights and its cache hold only the stage's layers
@@ -174,8 +174,10 @@ class Llama(nnx.Module):
             return (x, _constrain_cache(cache)), None
 
         layer_ids = jnp.arange(weights["attn_norm"].shape[0], dtype=jnp.int32)
+        # unroll_layers: layers per loop iteration (True or >= the count: fully unrolled).
         (x, cache), _ = jax.lax.scan(body, (x, cache), (scanned, layer_ids),
-                                     unroll=unroll_layers)
+                                     unroll=unroll_layers if isinstance(unroll_layers, bool)
+                                     else max(1, min(unroll_layers, layer_ids.shape[0])))
         return x, cache
 
     def norm(self, x: jax.Array) -> jax.Array:

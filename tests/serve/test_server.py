@@ -87,9 +87,9 @@ def test_cli_derives_engine_flags():
     from serve.__main__ import build_parser, engine_config
 
     args = build_parser().parse_args(["--model", "dummy", "--page-size", "8", "--batch-buckets",
-                                      "1,4", "--kernels", "reference", "--unroll-layers"])
+                                      "1,4", "--kernels", "reference", "--unroll-layers", "2"])
     cfg = engine_config(args, default_dtype="float32")
-    assert (cfg.page_size, cfg.batch_buckets, cfg.unroll_layers, cfg.dtype) == (8, (1, 4), True,
+    assert (cfg.page_size, cfg.batch_buckets, cfg.unroll_layers, cfg.dtype) == (8, (1, 4), 2,
                                                                                "float32")
     assert args.host == "127.0.0.1" and args.port == 50051
 

@@ -58,7 +58,8 @@ def save_hf_model(kind: str, path) -> None:
     model.save_pretrained(path, safe_serialization=True)
 
 
-def make_generator(model_dir, mesh_text: str, *, devices=None, unroll_layers=False) -> Generator:
+def make_generator(model_dir, mesh_text: str, *, devices=None, unroll_layers=None
+                   ) -> Generator:
     spec = parse_mesh(mesh_text)
     mesh = make_mesh(spec, devices=devices)
     loaded = load_model(str(model_dir), mesh=mesh, dtype="float32")
@@ -167,7 +168,7 @@ def test_decode_hlo_collectives(models, mesh_text):
     no weight or cache ever all-gathered (only the [B, tp] argmax candidates of sampling);
     under pp, two ppermutes per stage hand-off (activations + int metadata)."""
     path, _ = models["llama"]
-    gen = make_generator(path, mesh_text, unroll_layers=True)  # layers unrolled: countable
+    gen = make_generator(path, mesh_text, unroll_layers=64)  # fully unrolled: countable
     runner, m = gen.runner, parse_mesh(mesh_text)
     b = 4
     pages = [gen.allocator.allocate(4, replica=runner.layout.replica_of_slot(i)) for i in range(b)]
