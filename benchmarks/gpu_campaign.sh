@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU measurement campaign per call of the device tool (METHOD.md: few, full calls).
 #
-#   bash benchmarks/gpu_campaign.sh kernels   # GPU tests, qmatmul bench, generate with pallas/quant
+#   bash benchmarks/gpu_campaign.sh kernels   # gpu_tests + kernel_bench
+#   bash benchmarks/gpu_campaign.sh gpu_tests      # pytest -m gpu (serving tests need grpc health)
+#   bash benchmarks/gpu_campaign.sh kernel_bench   # qmatmul bench, generate with pallas/quant
 #   bash benchmarks/gpu_campaign.sh serving   # cold/warm start, load sweep, host time, offline b64
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
 #   bash benchmarks/gpu_campaign.sh qmatmul_rerun   # qmatmul GPU tests + fp8 rows at M=4096/8192
@@ -19,10 +21,15 @@ MODEL=${MODEL:-llama-3.2-1b-shape}
 scrape() { $PY -c "import sys, urllib.request as u; sys.stdout.write(u.urlopen('http://127.0.0.1:$1/metrics').read().decode())"; }
 step() { echo "== $(date +%T) $*" | tee -a "$OUT/campaign.log"; }
 
-kernels() {
+kernels() { gpu_tests; kernel_bench; }
+
+gpu_tests() {
   step "gpu tests"
-  JAX_PLATFORMS=cuda timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider -rs \
-    tests/pallas_kernels tests/jaxinfer/test_pallas_e2e.py 2>&1 | tail -25 >"$OUT/gpu_tests.log"
+  JAX_PLATFORMS=cuda timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider -rsxf tests 2>&1 \
+    | tail -25 >"$OUT/gpu_tests.log"
+}
+
+kernel_bench() {
   step "qmatmul bench"
   timeout 150 $PY -m jaxinfer.bench kernels --ops qmatmul >"$OUT/qmatmul.jsonl" 2>>"$OUT/bench.err"
   step "generate bench"
@@ -83,7 +90,7 @@ mesh() {
   step "mesh sweep ${MESH_MODEL:-llama-3.1-8b-shape}"
   timeout 560 $PY -m jaxinfer.bench --model "${MESH_MODEL:-llama-3.1-8b-shape}" \
     --meshes "${MESHES:-tp=1;tp=2;pp=2;dp=2;tp=2,pp=2}" --batch "${MESH_BATCH:-1,32,64}" \
-    --prompt-len 128 --gen-len 256 --decode-steps 16 --repeat 2 \
+    --prompt-len 128 --gen-len 256 --decode-steps 16 --repeat 2 ${UNROLL:+--unroll-layers $UNROLL} \
     --chart "$OUT/mesh_sweep.png" >"$OUT/mesh_sweep.jsonl" 2>"$OUT/mesh.err"
 }
 

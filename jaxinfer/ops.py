@@ -69,11 +69,15 @@ def paged_attention(
     sliding_window: int | None,
     kernels: Kernels,
 ) -> jax.Array:
-    """Causal attention of T new queries per sequence over its paged cache -> [B, T, N, H]."""
+    """Causal attention of T new queries per sequence over its paged cache -> [B, T, N, H].
+
+    Under a mesh that GSPMD partitions (tp > 1 outside a shard_map) the reference runs: a
+    pallas_call is opaque to the partitioner, which would gather the whole cache onto every
+    device. Inside the runner's shard_map over dp/pp the arrays are local and the kernels run."""
     check_kernels(kernels)
     kw = dict(k_scale=k_scale, v_scale=v_scale, scale=scale, sliding_window=sliding_window)
     args = (q, k_pages, v_pages, layer, block_tables, seq_lens, positions)
-    if kernels == "reference":
+    if kernels == "reference" or _mesh_is_sharded():
         return _paged.paged_attention_reference(*args, **kw)
     if q.shape[1] <= DECODE_MAX_T:
         from pallas_kernels import paged_decode_attention as _decode

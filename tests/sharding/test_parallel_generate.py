@@ -39,6 +39,9 @@ MODELS = {
               dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen2_mqa_bias": ("Qwen2Config", "Qwen2ForCausalLM",
                        dict(num_key_value_heads=1, tie_word_embeddings=True, head_dim=8)),
+    # the Pallas decode kernel needs a power-of-two head dim >= 16
+    "llama_hd16": ("LlamaConfig", "LlamaForCausalLM",
+                   dict(num_key_value_heads=2, tie_word_embeddings=True, head_dim=16)),
 }
 
 
@@ -58,14 +61,14 @@ def save_hf_model(kind: str, path) -> None:
     model.save_pretrained(path, safe_serialization=True)
 
 
-def make_generator(model_dir, mesh_text: str, *, devices=None, unroll_layers=None
-                   ) -> Generator:
+def make_generator(model_dir, mesh_text: str, *, devices=None, unroll_layers=None,
+                   kernels="reference") -> Generator:
     spec = parse_mesh(mesh_text)
     mesh = make_mesh(spec, devices=devices)
     loaded = load_model(str(model_dir), mesh=mesh, dtype="float32")
     engine = fit_engine(spec, EngineConfig(
         page_size=4, num_pages=64, max_seq_len=64, dtype="float32", prefill_buckets=(8,),
-        batch_buckets=(4,), decode_steps=4, unroll_layers=unroll_layers))
+        batch_buckets=(4,), decode_steps=4, unroll_layers=unroll_layers, kernels=kernels))
     return Generator(loaded, engine, mesh=mesh)
 
 
@@ -77,11 +80,18 @@ def greedy(gen: Generator) -> list[list[int]]:
 def models(tmp_path_factory):
     """{kind: (hf_dir, one-device greedy tokens)}."""
     out = {}
-    for kind in MODELS:
+    for kind in ("llama", "qwen2_mqa_bias"):
         path = tmp_path_factory.mktemp(kind) / "hf"
         save_hf_model(kind, path)
         out[kind] = (path, greedy(make_generator(path, "dp=1", devices=jax.devices()[:1])))
     return out
+
+
+@pytest.fixture(scope="module")
+def pallas_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama_hd16") / "hf"
+    save_hf_model("llama_hd16", path)
+    return path
 
 
 def expected_specs(mesh_text: str, kv_heads: int) -> dict[str, P]:
@@ -136,6 +146,15 @@ def test_eos_stops_rows_inside_the_pipeline(models):
     assert len(one[0]) == 3 and one[0][-1] == eos
     assert greedy(with_eos(make_generator(path, "dp=2,pp=2,tp=2"))) == one
 
+
+
+@pytest.mark.parametrize("mesh_text", ["tp=2", "dp=2,pp=2"])
+def test_pallas_kernels_on_meshes(pallas_model, mesh_text):
+    """--kernels pallas on meshes: under tp (GSPMD) attention falls back to the reference, under
+    dp/pp (shard_map, local arrays) the kernels run (interpret mode here); tokens stay exact."""
+    path = pallas_model
+    want = greedy(make_generator(path, "dp=1", devices=jax.devices()[:1]))
+    assert greedy(make_generator(path, mesh_text, kernels="pallas")) == want
 
 @pytest.mark.parametrize("mesh_text", ["tp=8", "pp=2,tp=2", "dp=2,pp=2,tp=2"])
 def test_qwen2_bias_mqa_tokens(models, mesh_text):
