@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=ServeConfig.host, help="address to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=ServeConfig.port,
                    help="port (default %(default)s; 0 picks a free one)")
-    p.add_argument("--mesh", default="dp=1,pp=1,tp=1")
+    p.add_argument("--mesh", default="dp=1,pp=1,tp=1",
+                   help="dp=D,tp=T: D engine replicas (each with its own --num-pages and "
+                   "decode slots), each over T devices (pp must be 1)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics over HTTP on this port (same host)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
@@ -130,6 +132,34 @@ async def _serve(server, shutdown: asyncio.Event) -> bool:
     return await server.run(shutdown)
 
 
+def build_engine(args: argparse.Namespace, engine_cfg: EngineConfig, *, max_queue: int,
+                 metrics=None):
+    """One Engine on the `tp` mesh, or (dp > 1) a ReplicatedEngine of dp Engines, replica r
+    on devices [r, 0, :] of the mesh grid, each with its own weights, pages and slots."""
+    from jaxinfer.errors import ConfigError
+    from jaxinfer.model_loader import load_model
+    from serve.engine import Engine
+    from serve.replicas import ReplicatedEngine, SummedStateMetrics
+    from sharding.mesh import MeshSpec, make_mesh, parse_mesh
+
+    spec = parse_mesh(args.mesh)
+    mesh = make_mesh(spec)  # checks the product against the devices
+    if spec.pp > 1:
+        raise ConfigError(f"the server runs dp and tp meshes; pp={spec.pp} (pipeline stages) "
+                          f"is supported by jaxinfer.generate and the bench, not by the server")
+    views = SummedStateMetrics.views(metrics, spec.dp) if metrics is not None and spec.dp > 1 \
+        else [metrics] * spec.dp
+    engines = []
+    for r in range(spec.dp):
+        sub = mesh if spec.dp == 1 else make_mesh(MeshSpec(tp=spec.tp),
+                                                  devices=list(mesh.devices[r, 0, :]))
+        loaded = load_model(args.model, mesh=sub, dtype=engine_cfg.dtype, seed=args.seed,
+                            allow_pickle=args.allow_pickle)
+        engines.append(Engine(loaded, engine_cfg, mesh=sub, max_queue=max_queue,
+                              compile_cache_dir=args.compile_cache, metrics=views[r]))
+    return engines[0] if spec.dp == 1 else ReplicatedEngine(engines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -144,20 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 drain_timeout=args.drain_timeout)
         import jax  # heavy: after the cheap argument checks
 
-        from jaxinfer.model_loader import load_model
-        from serve.engine import Engine
         from serve.metrics import MetricsHttpServer, PrometheusMetrics
         from serve.server import Server
-        from sharding.mesh import make_mesh
 
         engine_cfg = engine_config(
             args, default_dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
-        mesh = make_mesh(args.mesh)
-        loaded = load_model(args.model, mesh=mesh, dtype=engine_cfg.dtype, seed=args.seed,
-                            allow_pickle=args.allow_pickle)
         metrics = PrometheusMetrics()
-        engine = Engine(loaded, engine_cfg, mesh=mesh, max_queue=serve_cfg.max_queue,
-                        compile_cache_dir=args.compile_cache, metrics=metrics)
+        engine = build_engine(args, engine_cfg, max_queue=serve_cfg.max_queue, metrics=metrics)
         server = Server(engine, serve_cfg, metrics=metrics)
         if serve_cfg.metrics_port is not None:
             metrics_http = MetricsHttpServer(metrics, host=serve_cfg.host,

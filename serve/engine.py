@@ -370,6 +370,13 @@ class Engine:
         out["recompiles"] = self.num_recompiles
         return out
 
+    def num_in_flight(self) -> int:
+        """Requests submitted and not yet completed (what data-parallel routing balances)."""
+        return len(self._active)
+
+    def in_flight(self, request_id: str) -> bool:
+        return request_id in self._active
+
     def _make_stats(self) -> dict:
         s = self.scheduler.stats()
         s["queued"] = 0

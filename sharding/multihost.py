@@ -93,7 +93,8 @@ def config_from(coordinator: str | None = None, num_processes: int | None = None
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    """The multi-host flags, shared by `jaxinfer.generate`, the bench and the server."""
+    """The multi-host flags of `jaxinfer.generate` and the bench (the server is one process for
+    now)."""
     g = parser.add_argument_group("multi-host (one process per host; see sharding/multihost.py)")
     g.add_argument("--coordinator", default=None,
                    help=f"host:port of process 0's coordinator (env {ENV_COORDINATOR})")
