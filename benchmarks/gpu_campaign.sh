@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_campaign.sh kernel_bench   # qmatmul bench, generate with pallas/quant
 #   bash benchmarks/gpu_campaign.sh serving   # cold/warm start, load sweep, host time, offline b64
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
+#   bash benchmarks/gpu_campaign.sh serving_dp   # served throughput, dp=1 vs dp=2 (2 GPUs)
 #   bash benchmarks/gpu_campaign.sh qmatmul_rerun   # qmatmul GPU tests + fp8 rows at M=4096/8192
 #
 # Writes JSON lines and logs under $OUT (default ./gpu_out); each step has its own time limit so
@@ -70,6 +71,24 @@ serving() {
   timeout 150 $PY -m jaxinfer.bench --model "$MODEL" --kernels "${KERNELS:-pallas}" --batch 64 \
     --prompt-len 128 --gen-len 256 --decode-steps 8 --repeat 2 >>"$OUT/serving.jsonl" \
     2>>"$OUT/bench.err"
+}
+
+serving_dp() {  # a 2-GPU machine: saturation throughput with one engine vs two replicas
+  local cc=/tmp/jaxinfer_cc port=50062
+  rm -rf $cc
+  for mesh in dp=1 dp=2; do
+    step "server --mesh $mesh"
+    local t0; t0=$(date +%s.%N)
+    $PY -m serve --model "$MODEL" --kernels "${KERNELS:-pallas}" --port $port --mesh $mesh \
+      --num-pages ${PAGES:-4096} --compile-cache $cc --log-level WARNING >>"$OUT/server_dp.log" 2>&1 &
+    local pid=$!
+    $PY benchmarks/wait_serving.py 127.0.0.1:$port --timeout 300 --label "$mesh" \
+      --since "$t0" >>"$OUT/serving_dp.jsonl" || { kill -9 $pid; return 1; }
+    timeout 150 $PY -m jaxinfer.bench serving --target 127.0.0.1:$port --rates inf \
+      --num-requests ${NREQ:-512} --prompt-len ${PL:-128} --gen-len ${GL:-256} --warmup 64 \
+      >>"$OUT/serving_dp.jsonl" 2>>"$OUT/loadgen_dp.err"
+    kill -TERM $pid; wait $pid; echo "server exit $? ($mesh)" >>"$OUT/campaign.log"
+  done
 }
 
 qmatmul_rerun() {  # after a fix: the qmatmul GPU tests and the fp8 rows past M = 1024
