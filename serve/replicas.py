@@ -37,7 +37,7 @@ class ReplicatedEngine:
 
     # -- lifecycle -----------------------------------------------------------------------
     def warmup(self, *, progress: bool = True) -> None:
-        for i, r in enumerate(self.replicas):  # later replicas hit the compilation cache
+        for i, r in enumerate(self.replicas):  # with --compile-cache later ones hit the cache
             r.warmup(progress=progress and i == 0)
 
     def start(self) -> None:
