@@ -200,6 +200,12 @@ def serve_prefill_step(graphdef, params, cache: PagedKVCache, state: SlotState,
     return cache, state, out
 
 
+def _local(out: jax.Array) -> jax.Array:
+    """A step's replicated output as this process's own copy: under a mesh that spans several
+    processes (multi-host serving) the global array cannot be read, its local replica can."""
+    return out if out.is_fully_addressable else out.addressable_data(0)
+
+
 class ServingRunner:
     """The serving steps compiled for one model on one mesh: `(B, W)` decode programs and
     `(R, T)` prefill programs from `jaxinfer.buckets`, compiled ahead of time and looked up by
@@ -362,7 +368,7 @@ class ServingRunner:
         cache, logits, meta = fwd(self.params, cache, state.tokens,
                                   self.host_input(inputs))
         state, out = self._exe(("sample", b, full), cache, state)(state, logits, meta)
-        return cache, state, out
+        return cache, state, _local(out)
 
     def prefill(self, cache: PagedKVCache, state: SlotState, *, tokens: np.ndarray,
                 block_tables: np.ndarray, slots: np.ndarray, starts: np.ndarray,
@@ -377,7 +383,12 @@ class ServingRunner:
             [tokens, block_tables, meta.astype(np.int32), int_params,
              np.ascontiguousarray(float_params, np.float32).view(np.int32)], axis=1)
         exe = self._exe(("prefill", r, t), cache, state)
-        return exe(self.params, cache, state, self.host_input(inputs))
+        cache, state, out = exe(self.params, cache, state, self.host_input(inputs))
+        return cache, state, _local(out)
+
+    def close(self) -> None:
+        """Release what the runner holds besides device arrays (nothing here; a multi-host
+        leader's subclass tells its followers to stop)."""
 
     def run_padding(self, cache: PagedKVCache, state: SlotState
                     ) -> tuple[PagedKVCache, SlotState]:

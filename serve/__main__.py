@@ -22,13 +22,14 @@ from collections.abc import Sequence
 
 from jaxinfer.config import EngineConfig, ServeConfig
 from jaxinfer.errors import JaxinferError
+from sharding import multihost
 
 logger = logging.getLogger("serve")
 
 # Flags that are not EngineConfig fields or that the server owns.
 _OWN = {"model", "host", "port", "mesh", "metrics_port", "tls_cert", "tls_key", "max_queue",
         "compile_cache", "max_message_bytes", "drain_timeout", "seed", "allow_pickle",
-        "log_level"}
+        "log_level", "coordinator", "num_processes", "process_id", "step_port"}
 
 
 def _engine_flag(p: argparse.ArgumentParser, field: dataclasses.Field, hint) -> None:
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weights seed of random presets")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    multihost.add_distributed_args(p)
+    p.add_argument("--step-port", type=int, default=None,
+                   help="multi-host: port on the coordinator's host where process 0 sends the "
+                   "device steps to the others (default: the coordinator's port + 1)")
     hints = typing.get_type_hints(EngineConfig)
     for field in dataclasses.fields(EngineConfig):
         if field.name not in _OWN and field.init:
@@ -133,9 +138,11 @@ async def _serve(server, shutdown: asyncio.Event) -> bool:
 
 
 def build_engine(args: argparse.Namespace, engine_cfg: EngineConfig, *, max_queue: int,
-                 metrics=None):
+                 metrics=None, channel=None):
     """One Engine on the `tp` mesh, or (dp > 1) a ReplicatedEngine of dp Engines, replica r
-    on devices [r, 0, :] of the mesh grid, each with its own weights, pages and slots."""
+    on devices [r, 0, :] of the mesh grid, each with its own weights, pages and slots. With a
+    multi-host `channel` (`serve.multihost.StepChannel`) the engine's steps go to the other
+    processes too."""
     from jaxinfer.errors import ConfigError
     from jaxinfer.model_loader import load_model
     from serve.engine import Engine
@@ -147,6 +154,8 @@ def build_engine(args: argparse.Namespace, engine_cfg: EngineConfig, *, max_queu
     if spec.pp > 1:
         raise ConfigError(f"the server runs dp and tp meshes; pp={spec.pp} (pipeline stages) "
                           f"is supported by jaxinfer.generate and the bench, not by the server")
+    if channel is not None and spec.dp > 1:
+        raise ConfigError(f"a multi-host server runs one engine over a tp mesh; got dp={spec.dp}")
     views = SummedStateMetrics.views(metrics, spec.dp) if metrics is not None and spec.dp > 1 \
         else [metrics] * spec.dp
     engines = []
@@ -155,9 +164,38 @@ def build_engine(args: argparse.Namespace, engine_cfg: EngineConfig, *, max_queu
                                                   devices=list(mesh.devices[r, 0, :]))
         loaded = load_model(args.model, mesh=sub, dtype=engine_cfg.dtype, seed=args.seed,
                             allow_pickle=args.allow_pickle)
+        runner = None
+        if channel is not None:
+            from serve.multihost import BroadcastingRunner
+            runner = BroadcastingRunner(loaded.cfg, engine_cfg, loaded.graphdef, loaded.params,
+                                        mesh=sub, channel=channel)
         engines.append(Engine(loaded, engine_cfg, mesh=sub, max_queue=max_queue,
-                              compile_cache_dir=args.compile_cache, metrics=views[r]))
+                              compile_cache_dir=args.compile_cache, metrics=views[r],
+                              runner=runner))
     return engines[0] if spec.dp == 1 else ReplicatedEngine(engines)
+
+
+def _follow(args: argparse.Namespace, engine_cfg: EngineConfig, address: tuple[str, int]) -> int:
+    """A multi-host process other than 0: load the same model, replay process 0's steps."""
+    import jax
+
+    from jaxinfer.model_loader import load_model
+    from jaxinfer.serve_steps import ServingRunner
+    from serve.multihost import connect, run_follower
+    from sharding.mesh import make_mesh
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", os.fspath(args.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    mesh = make_mesh(args.mesh)
+    loaded = load_model(args.model, mesh=mesh, dtype=engine_cfg.dtype, seed=args.seed,
+                        allow_pickle=args.allow_pickle)
+    runner = ServingRunner(loaded.cfg, engine_cfg, loaded.graphdef, loaded.params, mesh=mesh)
+    sock = connect(address)
+    logger.info("process %d: replaying the steps of process 0", jax.process_index())
+    run_follower(runner, sock)
+    logger.info("process %d: stopped", jax.process_index())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,15 +210,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 metrics_port=args.metrics_port, tls_cert=args.tls_cert,
                                 tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
                                 drain_timeout=args.drain_timeout)
+        dist = multihost.config_from(args.coordinator, args.num_processes, args.process_id)
         import jax  # heavy: after the cheap argument checks
 
+        multihost.initialize(dist)  # before anything touches a device
         from serve.metrics import MetricsHttpServer, PrometheusMetrics
         from serve.server import Server
 
         engine_cfg = engine_config(
             args, default_dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
+        channel = None
+        if dist.is_distributed and jax.process_count() > 1:
+            from serve.multihost import StepChannel, step_address
+
+            address = step_address(dist.coordinator, args.step_port)
+            if jax.process_index() != 0:
+                return _follow(args, engine_cfg, address)
+            channel = StepChannel(address, jax.process_count() - 1)
         metrics = PrometheusMetrics()
-        engine = build_engine(args, engine_cfg, max_queue=serve_cfg.max_queue, metrics=metrics)
+        engine = build_engine(args, engine_cfg, max_queue=serve_cfg.max_queue, metrics=metrics,
+                              channel=channel)
         server = Server(engine, serve_cfg, metrics=metrics)
         if serve_cfg.metrics_port is not None:
             metrics_http = MetricsHttpServer(metrics, host=serve_cfg.host,

@@ -148,11 +148,14 @@ class Engine:
         max_queue: requests that may wait for admission before `submit` raises CapacityError.
         compile_cache_dir: JAX persistent compilation cache directory (process-wide setting).
         metrics: optional `EngineMetrics` sink.
+        runner: the device steps (default: a `ServingRunner` for `loaded` on `mesh`; a
+            multi-host leader passes `serve.multihost.BroadcastingRunner`).
     """
 
     def __init__(self, loaded: LoadedModel, engine_cfg: EngineConfig, *, mesh,
                  max_queue: int = 1024, compile_cache_dir: str | None = None,
-                 metrics: EngineMetrics | None = None) -> None:
+                 metrics: EngineMetrics | None = None,
+                 runner: ServingRunner | None = None) -> None:
         self.loaded = loaded
         self.model_cfg = loaded.cfg
         self.engine_cfg = engine_cfg
@@ -162,8 +165,8 @@ class Engine:
         self.compile_cache_dir = compile_cache_dir
         self.metrics = metrics
         self.context_limit = min(engine_cfg.max_seq_len, loaded.cfg.context_limit)
-        self.runner = ServingRunner(loaded.cfg, engine_cfg, loaded.graphdef, loaded.params,
-                                    mesh=mesh)
+        self.runner = runner or ServingRunner(loaded.cfg, engine_cfg, loaded.graphdef,
+                                              loaded.params, mesh=mesh)
         self.runner.on_late_compile = self._late_compile
         self.scheduler = Scheduler(engine_cfg, eos_ids=loaded.cfg.eos_token_ids)
         self.num_recompiles = 0
@@ -249,6 +252,7 @@ class Engine:
         for t in self._threads:
             t.join()
         self._threads = []
+        self.runner.close()
 
     # -- requests ------------------------------------------------------------------------
     def submit(self, req: Request, on_output: Callable[[Output], None]) -> None:

@@ -17,10 +17,9 @@ For jaxinfer that means:
 - Every process feeds the runner the same host inputs (same prompts, same scheduler decisions);
   the runner places only local blocks and returns tokens replicated, so every process reads
   them locally. One process (`is_coordinator`) owns user-facing output: the CLI prints there.
-  A multi-host server runs its gRPC front and scheduler on that process and must hand the same
-  step inputs to the others (`jax.experimental.multihost_utils.broadcast_one_to_all`); the
-  offline paths here (generate, bench) need no hand-off because every process computes the same
-  inputs from the same flags.
+  The offline paths (generate, bench) need no hand-off because every process computes the same
+  inputs from the same flags. The server runs its gRPC front and scheduler on process 0 only
+  and sends each step's inputs to the others (`serve/multihost.py`).
 """
 
 from __future__ import annotations
@@ -93,8 +92,7 @@ def config_from(coordinator: str | None = None, num_processes: int | None = None
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    """The multi-host flags of `jaxinfer.generate` and the bench (the server is one process for
-    now)."""
+    """The multi-host flags, shared by `jaxinfer.generate`, the bench and the server."""
     g = parser.add_argument_group("multi-host (one process per host; see sharding/multihost.py)")
     g.add_argument("--coordinator", default=None,
                    help=f"host:port of process 0's coordinator (env {ENV_COORDINATOR})")
