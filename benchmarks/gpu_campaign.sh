@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_campaign.sh serving   # cold/warm start, load sweep, host time, offline b64
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
 #   bash benchmarks/gpu_campaign.sh serving_dp   # served throughput, dp=1 vs dp=2 (2 GPUs)
+#   bash benchmarks/gpu_campaign.sh serving_multihost   # tp=2: one process vs two (2 GPUs)
 #   bash benchmarks/gpu_campaign.sh qmatmul_rerun   # qmatmul GPU tests + fp8 rows at M=4096/8192
 #
 # Writes JSON lines and logs under $OUT (default ./gpu_out); each step has its own time limit so
@@ -88,6 +89,31 @@ serving_dp() {  # a 2-GPU machine: saturation throughput with one engine vs two 
       --num-requests ${NREQ:-512} --prompt-len ${PL:-128} --gen-len ${GL:-256} --warmup 64 \
       >>"$OUT/serving_dp.jsonl" 2>>"$OUT/loadgen_dp.err"
     kill -TERM $pid; wait $pid; echo "server exit $? ($mesh)" >>"$OUT/campaign.log"
+  done
+}
+
+serving_multihost() {  # a 2-GPU machine: tp=2 in one process vs two processes (one GPU each)
+  local cc=/tmp/jaxinfer_cc port=50063
+  local flags=(--model "$MODEL" --kernels "${KERNELS:-pallas}" --port $port --mesh tp=2
+               --num-pages ${PAGES:-4096} --compile-cache $cc --log-level WARNING)
+  rm -rf $cc
+  for how in one_process two_processes; do
+    step "server tp=2, $how"
+    local t0 pids=(); t0=$(date +%s.%N)
+    if [ $how = one_process ]; then
+      $PY -m serve "${flags[@]}" >>"$OUT/server_mh.log" 2>&1 & pids+=($!)
+    else
+      for i in 0 1; do
+        CUDA_VISIBLE_DEVICES=$i $PY -m serve "${flags[@]}" --coordinator 127.0.0.1:50071 \
+          --num-processes 2 --process-id $i >>"$OUT/server_mh_p$i.log" 2>&1 & pids+=($!)
+      done
+    fi
+    $PY benchmarks/wait_serving.py 127.0.0.1:$port --timeout 300 --label "tp=2 $how" \
+      --since "$t0" >>"$OUT/serving_mh.jsonl" || { kill -9 "${pids[@]}"; return 1; }
+    timeout 150 $PY -m jaxinfer.bench serving --target 127.0.0.1:$port --rates inf \
+      --num-requests ${NREQ:-256} --prompt-len ${PL:-128} --gen-len ${GL:-256} --warmup 64 \
+      >>"$OUT/serving_mh.jsonl" 2>>"$OUT/loadgen_mh.err"
+    kill -TERM "${pids[0]}"; for p in "${pids[@]}"; do wait $p; echo "exit $? ($how)" >>"$OUT/campaign.log"; done
   done
 }
 
