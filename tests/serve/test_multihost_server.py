@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 import jax
-import pytest
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.generate import Generator
