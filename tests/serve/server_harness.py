@@ -81,14 +81,6 @@ class RealServer:
 _shared: list[RealServer] = []
 
 
-def real_engine_available() -> bool:
-    try:
-        import serve.engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def shared_real_server(config) -> RealServer:
     """Build (once per pytest session) the dummy-model server on the real engine; `config`
     (pytest's) closes it when the session ends."""

@@ -53,8 +53,6 @@ def test_field_numbers_match_jetstream():
 
 @pytest.fixture(scope="module")
 def real(request):
-    if not harness.real_engine_available():
-        pytest.skip("serve/engine.py is not there yet")
     return harness.shared_real_server(request.config)
 
 

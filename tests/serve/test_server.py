@@ -42,9 +42,6 @@ REPO = Path(__file__).resolve().parents[2]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-needs_engine = pytest.mark.skipif(not harness.real_engine_available(),
-                                  reason="serve/engine.py is not there yet")
-
 
 def _wait_for(pred, timeout: float = 10.0, what: str = "condition"):
     end = time.monotonic() + timeout
@@ -320,8 +317,6 @@ def test_port_in_use_is_a_config_error(stub_server):
 
 @pytest.fixture(scope="module")
 def real(request):
-    if not harness.real_engine_available():
-        pytest.skip("serve/engine.py is not there yet")
     return harness.shared_real_server(request.config)
 
 
@@ -702,7 +697,6 @@ class _Lines:
                 self._cv.wait(left)
 
 
-@needs_engine
 def test_sigterm_drains_then_exits_0():
     cmd = [sys.executable, "-m", "serve", "--model", "dummy", "--port", "0", "--metrics-port",
            "0", "--max-seq-len", "512", "--num-pages", "64", "--serve-decode-buckets", "4",
@@ -746,7 +740,6 @@ def test_sigterm_drains_then_exits_0():
             proc.wait()
 
 
-@needs_engine
 def test_sigterm_during_warm_up_exits_0_at_once():
     cmd = [sys.executable, "-m", "serve", "--model", "dummy", "--port", "0"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
