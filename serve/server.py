@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import enum
 import json
@@ -336,24 +337,31 @@ class Server:
                               f"internal error: {type(exc).__name__}: {exc}")
         return RpcFailure(code, str(exc))
 
+    @contextlib.asynccontextmanager
+    async def _guard(self, method: str, request, context):
+        """Every handler's error mapping and request count: a failure aborts the call with its
+        status (module docstring); a cancelled or closed call is counted, not aborted."""
+        code = grpc.StatusCode.OK
+        try:
+            self._check_parsed(request)
+            yield
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = _cancel_code(context)
+            raise
+        except Exception as e:
+            failure = e if isinstance(e, RpcFailure) else self._fail(method, e)
+            code = failure.code
+            await context.abort(failure.code, failure.details)
+        finally:
+            self._count(method, code)
+
     def _unary(self, method: str, fn, request_cls) -> grpc.RpcMethodHandler:
         async def handler(request, context):
-            code = grpc.StatusCode.OK
-            try:
-                self._check_parsed(request)
+            async with self._guard(method, request, context):
                 return await fn(request, context)
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except asyncio.CancelledError:
-                code = _cancel_code(context)
-                raise
-            except Exception as e:
-                failure = e if isinstance(e, RpcFailure) else self._fail(method, e)
-                code = failure.code
-                await context.abort(failure.code, failure.details)
-            finally:
-                self._count(method, code)
 
         return grpc.unary_unary_rpc_method_handler(
             handler, request_deserializer=_tolerant_parser(request_cls),
@@ -361,23 +369,9 @@ class Server:
 
     def _stream(self, method: str, fn, request_cls) -> grpc.RpcMethodHandler:
         async def handler(request, context):
-            code = grpc.StatusCode.OK
-            try:
-                self._check_parsed(request)
+            async with self._guard(method, request, context):
                 async for item in fn(request, context):
                     yield item
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                code = _cancel_code(context)
-                raise
-            except Exception as e:
-                failure = e if isinstance(e, RpcFailure) else self._fail(method, e)
-                code = failure.code
-                await context.abort(failure.code, failure.details)
-            finally:
-                self._count(method, code)
 
         return grpc.unary_stream_rpc_method_handler(
             handler, request_deserializer=_tolerant_parser(request_cls),
