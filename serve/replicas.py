@@ -76,15 +76,14 @@ class ReplicatedEngine:
     # -- introspection -------------------------------------------------------------------
     def info(self) -> dict:
         """Replica 0's info with the whole server's mesh and capacity."""
-        out = self.replicas[0].info()
-        n = len(self.replicas)
-        out["mesh"] = {**out["mesh"], "dp": n,
-                       "devices": [d for r in self.replicas for d in r.info()["mesh"]["devices"]]}
-        limits = dict(out["limits"])
-        for key in ("max_queue", "max_running", "num_pages"):
-            limits[key] = sum(r.info()["limits"][key] for r in self.replicas)
-        out["limits"] = limits
-        out["replicas"] = n
+        infos = [r.info() for r in self.replicas]
+        out = dict(infos[0])
+        out["mesh"] = {**out["mesh"], "dp": len(infos),
+                       "devices": [d for i in infos for d in i["mesh"]["devices"]]}
+        out["limits"] = {**out["limits"], **{
+            key: sum(i["limits"][key] for i in infos)
+            for key in ("max_queue", "max_running", "num_pages")}}
+        out["replicas"] = len(infos)
         return out
 
     def stats(self) -> dict:
