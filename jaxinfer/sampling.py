@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.errors import RequestError
+from sharding.rules import constrain
 
 
 @jax.tree_util.register_dataclass
@@ -147,11 +148,22 @@ def sample(
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if not use_sampling:
         return greedy
+    logits = whole_rows(logits)
     step_keys = jax.vmap(lambda kd, pos: jax.random.fold_in(jax.random.wrap_key_data(kd), pos))(
         keys, positions)
     sampled = jax.vmap(_sample_row)(logits, params.temperature, params.top_k, params.top_p,
                                     params.min_p, step_keys)
     return jnp.where(params.temperature > 0, sampled, greedy)
+
+
+def whole_rows(logits: jax.Array) -> jax.Array:
+    """Logits [B, V] with each row whole on every tensor-parallel device (a no-op off a mesh).
+
+    The LM head leaves logits split over the vocabulary (`sharding.rules`: vocab on tp); argmax
+    partitions well over a split row, but the sort, cumulative sums and scatters of sampling and
+    penalties do not: left to GSPMD, a prefill program's sampler at tp=2 took 1.08 s instead of
+    9 ms (H200, 4 rows of 128k vocab). One all-gather of [B, V] float32 costs microseconds."""
+    return constrain(logits, ("batch", None))
 
 
 def apply_penalties(

@@ -50,7 +50,8 @@ from jaxinfer import buckets, ops
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.errors import ConfigError
 from jaxinfer.kv_cache import PagedKVCache, cache_axes, init_cache
-from jaxinfer.sampling import SamplingParams, apply_penalties, sample, token_logprobs
+from jaxinfer.sampling import (SamplingParams, apply_penalties, sample, token_logprobs,
+                               whole_rows)
 from sharding.rules import model_rules, tree_shardings
 from sharding.spmd import manual_axes, mesh_context, replicated
 
@@ -99,6 +100,7 @@ def _choose(logits: jax.Array, state: SlotState, slot: jax.Array, fp: jax.Array,
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return tokens, state, jnp.concatenate(
             [tokens[:, None], jnp.zeros((b, 1 + 2 * k), jnp.int32)], axis=1)
+    logits = whole_rows(logits)
     params = _sampling_params(fp, ip)
     pen = counted & _penalized(fp)
     scored = apply_penalties(logits, params, state.prompt_mask[slot], state.output_counts[slot])
