@@ -31,9 +31,11 @@ import jax.numpy as jnp
 
 from jaxinfer.config import KERNELS, Kernels
 from jaxinfer.errors import ConfigError
+from jaxinfer.kv_cache import CACHE_AXES, SCALE_AXES
 from jaxinfer.quant import QuantArray, matmul_operands, output_shape
 from pallas_kernels import paged_attention as _paged
 from pallas_kernels import qmatmul as _qmm
+from sharding import spmd
 
 DECODE_MAX_T = 8  # query tokens per sequence up to which the decode kernel is used
 # Largest M (batch x tokens) of a quantized matmul that runs the Pallas kernel (see above).
@@ -71,19 +73,36 @@ def paged_attention(
 ) -> jax.Array:
     """Causal attention of T new queries per sequence over its paged cache -> [B, T, N, H].
 
-    Under a mesh that GSPMD partitions (tp > 1 outside a shard_map) the reference runs: a
-    pallas_call is opaque to the partitioner, which would gather the whole cache onto every
-    device. Inside the runner's shard_map over dp/pp the arrays are local and the kernels run."""
+    Under tensor parallelism the kernels run per tp shard (`sharding.spmd.over_tp`): each
+    device attends with its own query heads over its own KV heads, which is exactly how the
+    cache and q are split, so nothing moves. A pallas_call left to GSPMD would instead gather
+    the whole cache onto every device. Where the KV heads are replicated (fewer than tp) or
+    another automatic axis is split, the reference runs."""
     check_kernels(kernels)
-    kw = dict(k_scale=k_scale, v_scale=v_scale, scale=scale, sliding_window=sliding_window)
+    kw = dict(scale=scale, sliding_window=sliding_window)
     args = (q, k_pages, v_pages, layer, block_tables, seq_lens, positions)
-    if kernels == "reference" or _mesh_is_sharded():
-        return _paged.paged_attention_reference(*args, **kw)
+    tp = spmd.auto_tp()
+    if kernels == "reference" or tp is None or k_pages.shape[1] % tp:
+        return _paged.paged_attention_reference(*args, k_scale=k_scale, v_scale=v_scale, **kw)
     if q.shape[1] <= DECODE_MAX_T:
-        from pallas_kernels import paged_decode_attention as _decode
-        return _decode.paged_decode_attention(*args, **kw, interpret=use_interpret())
-    from pallas_kernels import flash_attention as _flash
-    return _flash.flash_prefill_attention(*args, **kw, interpret=use_interpret())
+        from pallas_kernels import paged_decode_attention as _module
+        kernel = _module.paged_decode_attention
+    else:
+        from pallas_kernels import flash_attention as _module
+        kernel = _module.flash_prefill_attention
+
+    def attend(q, k_pages, v_pages, layer, block_tables, seq_lens, positions, k_scale, v_scale):
+        return kernel(q, k_pages, v_pages, layer, block_tables, seq_lens, positions,
+                      k_scale=k_scale, v_scale=v_scale, **kw, interpret=use_interpret())
+
+    if tp == 1:
+        return attend(*args, k_scale, v_scale)
+    heads = ("batch", "seq", "heads", "head_dim")
+    pages = CACHE_AXES
+    scales = SCALE_AXES if k_scale is not None else None
+    return spmd.over_tp(
+        attend, (heads, pages, pages, (), ("batch", None), ("batch",), ("batch", "seq"),
+                 scales, scales), heads)(*args, k_scale, v_scale)
 
 
 def write_kv(
@@ -113,11 +132,7 @@ def write_kv(
 def _mesh_is_sharded() -> bool:
     """True when GSPMD partitions the arrays here: an axis of size > 1 that is not manual (inside
     the runner's shard_map over dp/pp the arrays are already the local blocks)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return False
-    manual = set(getattr(mesh, "manual_axes", ()))
-    return any(size > 1 for name, size in mesh.shape.items() if name not in manual)
+    return spmd.auto_tp() != 1
 
 
 def linear(

@@ -8,6 +8,11 @@ replica must index only its own KV pages, and stages must hand activations on in
 So the step function runs under `shard_map` over {dp, pp}: inside, arrays are the local
 replica/stage blocks and `sharding.pipeline` moves data with `ppermute`; `tp` stays automatic.
 
+Kernels under tensor parallelism. A `pallas_call` is opaque to GSPMD, which would gather its
+operands whole onto every device; `over_tp` runs such a function per tp shard instead (a
+shard_map whose only manual axis is `tp`, nested inside the step's dp/pp shard_map if there is
+one), with the caller naming how each operand splits (`jaxinfer.ops` splits attention by heads).
+
 Version guards: `jax.shard_map` (jax >= 0.7) with `axis_names`/`check_vma`, else
 `jax.experimental.shard_map.shard_map` with `auto`/`check_rep`. The mesh context is
 `jax.set_mesh` where it exists, else `jax.sharding.use_mesh`, else the Mesh itself.
@@ -89,3 +94,32 @@ def shard_map(fn: Callable, mesh: jax.sharding.Mesh, in_specs: Any, out_specs: A
     auto = frozenset(a for a in mesh.axis_names if a not in manual)
     return legacy_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                             check_rep=False, auto=auto)
+
+
+def auto_tp() -> int | None:
+    """While tracing under a context mesh: the tp size when `tp` is the only automatic axis of
+    size > 1 (1: nothing is split automatically); None when another automatic axis is split
+    (a function of local blocks cannot be run per tp shard there). Without a mesh: 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    manual = set(getattr(mesh, "manual_axes", ()) or ())
+    split = {a: n for a, n in mesh.shape.items() if n > 1 and a not in manual}
+    if not split:
+        return 1
+    return split["tp"] if set(split) == {"tp"} else None
+
+
+def over_tp(fn: Callable, in_axes: Sequence[tuple[str | None, ...] | None],
+            out_axes: tuple[str | None, ...]) -> Callable:
+    """`fn` run on each tp shard of its operands under the context mesh. Operands and the
+    result are named by logical axes (`sharding.rules`), of which only the `tp` mapping is used
+    (a None entry: an absent operand); the other mesh axes stay as they are (manual in an
+    enclosing shard_map, or of size 1)."""
+    from sharding.rules import logical_to_spec
+
+    def spec(names):
+        return None if names is None else logical_to_spec(names, mesh_axes=("tp",))
+
+    return jax.shard_map(fn, in_specs=tuple(spec(a) for a in in_axes),
+                         out_specs=spec(out_axes), axis_names={"tp"}, check_vma=False)

@@ -149,13 +149,28 @@ def test_eos_stops_rows_inside_the_pipeline(models):
 
 
 
-@pytest.mark.parametrize("mesh_text", ["tp=2", "dp=2,pp=2"])
-def test_pallas_kernels_on_meshes(pallas_model, mesh_text):
-    """--kernels pallas on meshes: under tp (GSPMD) attention falls back to the reference, under
-    dp/pp (shard_map, local arrays) the kernels run (interpret mode here); tokens stay exact."""
+@pytest.mark.parametrize("mesh_text", ["tp=2", "dp=2,pp=2", "dp=2,pp=2,tp=2"])
+def test_pallas_kernels_on_meshes(pallas_model, mesh_text, monkeypatch):
+    """--kernels pallas on meshes: the attention kernels run (interpret mode here) per tp shard
+    under tensor parallelism and on the local blocks under dp/pp, and the tokens stay exact."""
+    from pallas_kernels import flash_attention, paged_decode_attention
     path = pallas_model
     want = greedy(make_generator(path, "dp=1", devices=jax.devices()[:1]))
+    traced = []
+    for module, name in ((paged_decode_attention, "paged_decode_attention"),
+                         (flash_attention, "flash_prefill_attention")):
+        def spy(q, k_pages, *args, _kernel=getattr(module, name), _name=name, **kw):
+            traced.append((_name, q.shape[2], k_pages.shape[1]))  # heads seen by the kernel
+            return _kernel(q, k_pages, *args, **kw)
+        monkeypatch.setattr(module, name, spy)
     assert greedy(make_generator(path, mesh_text, kernels="pallas")) == want
+    tp = parse_mesh(mesh_text).tp
+    # 8 query heads and 2 KV heads, split over tp: each kernel call sees its shard's heads
+    # (prefill chunks of 8 tokens go to the decode kernel; tests/sharding/test_kernels_over_tp
+    # covers the flash prefill kernel and quantized caches)
+    assert {n for n, _, _ in traced} == {"paged_decode_attention"}
+    assert {(qh, kh) for _, qh, kh in traced} == {(8 // tp, 2 // tp)}, traced
+
 
 @pytest.mark.parametrize("mesh_text", ["tp=8", "pp=2,tp=2", "dp=2,pp=2,tp=2"])
 def test_qwen2_bias_mqa_tokens(models, mesh_text):

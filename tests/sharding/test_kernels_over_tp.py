@@ -1,0 +1,97 @@
+"""The Pallas attention kernels run per tp shard (`jaxinfer.ops.paged_attention` under a tp
+mesh, `sharding.spmd.over_tp`): each shard attends with its query heads over its KV heads and
+the result equals the unsharded reference. Decode (T = 1) and flash prefill (T = 16), float
+and int8 caches; interpret mode on 8 fake CPU devices."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxinfer import ops
+from pallas_kernels import flash_attention, paged_decode_attention
+from pallas_kernels.paged_attention import paged_attention_reference
+from sharding.mesh import make_mesh
+from sharding.spmd import mesh_context
+
+L, K, N, H, G, PAGES, W = 2, 4, 8, 16, 8, 24, 4  # 2 query heads per KV head
+SEQ_LENS = (29, 1, 0, 17)
+
+
+def pool(rng, dtype):
+    shape = (L, K, PAGES, G, H)
+    if dtype == "int8":
+        pages = [jnp.asarray(rng.integers(-127, 128, shape), jnp.int8) for _ in range(2)]
+        scales = [jnp.asarray(rng.uniform(0.005, 0.02, (L, K, PAGES)), jnp.float32)
+                  for _ in range(2)]
+        return pages, scales
+    return [jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2)], [None, None]
+
+
+@pytest.mark.parametrize("t,kernel", [(1, "paged_decode_attention"),
+                                      (16, "flash_prefill_attention")])
+@pytest.mark.parametrize("cache_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_kernel_per_tp_shard_equals_reference(t, kernel, cache_dtype, tp, monkeypatch):
+    rng = np.random.default_rng(t + tp)
+    (k_pages, v_pages), (k_scale, v_scale) = pool(rng, cache_dtype)
+    b = len(SEQ_LENS)
+    q = jnp.asarray(rng.normal(size=(b, t, N, H)), jnp.float32)
+    tables = jnp.asarray(rng.permutation(PAGES)[:b * W].reshape(b, W), jnp.int32)
+    seq_lens = jnp.asarray(SEQ_LENS, jnp.int32)
+    positions = jnp.maximum(seq_lens[:, None] - t + jnp.arange(t)[None, :], 0)
+    layer = jnp.int32(1)
+    kw = dict(k_scale=k_scale, v_scale=v_scale, scale=H ** -0.5, sliding_window=None)
+    want = paged_attention_reference(q, k_pages, v_pages, layer, tables, seq_lens, positions,
+                                      **kw)
+
+    module = paged_decode_attention if t == 1 else flash_attention
+    seen = []
+    real = getattr(module, kernel)
+
+    def spy(q, k_pages, *args, **kwargs):
+        seen.append((q.shape, k_pages.shape))
+        return real(q, k_pages, *args, **kwargs)
+
+    monkeypatch.setattr(module, kernel, spy)
+    mesh = make_mesh(f"tp={tp}", devices=jax.devices()[:tp])
+
+    def put(x, spec):
+        return None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
+
+    heads, pages, scales = P(None, None, "tp", None), P(None, "tp"), P(None, "tp")
+    args = (put(q, heads), put(k_pages, pages), put(v_pages, pages), layer, tables, seq_lens,
+            positions)
+
+    def attend(q, k_pages, v_pages, layer, tables, seq_lens, positions, k_scale, v_scale):
+        return ops.paged_attention(q, k_pages, v_pages, layer, tables, seq_lens, positions,
+                                   k_scale=k_scale, v_scale=v_scale, scale=H ** -0.5,
+                                   sliding_window=None, kernels="pallas")
+
+    with mesh_context(mesh):
+        got = jax.jit(attend)(*args, put(k_scale, scales), put(v_scale, scales))
+    assert seen == [((b, t, N // tp, H), (L, K // tp, PAGES, G, H))]
+    assert got.sharding.spec[2] == "tp"  # the output stays split by heads, as q came in
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
+
+
+def test_replicated_kv_heads_use_the_reference(monkeypatch):
+    """tp=8 over 4 KV heads: the cache is replicated, the kernel does not run per shard."""
+    monkeypatch.setattr(paged_decode_attention, "paged_decode_attention",
+                        lambda *a, **k: pytest.fail("kernel ran over replicated KV heads"))
+    rng = np.random.default_rng(0)
+    (k_pages, v_pages), _ = pool(rng, "float32")
+    q = jnp.asarray(rng.normal(size=(1, 1, N, H)), jnp.float32)
+    mesh = make_mesh("tp=8")
+    tables = jnp.arange(W, dtype=jnp.int32)[None]
+    with mesh_context(mesh):
+        got = jax.jit(lambda q: ops.paged_attention(
+            q, k_pages, v_pages, 0, tables, jnp.array([5]), jnp.array([[4]]), scale=0.25,
+            sliding_window=None, kernels="pallas"))(q)
+    want = paged_attention_reference(q, k_pages, v_pages, 0, tables, jnp.array([5]),
+                                     jnp.array([[4]]), scale=0.25)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
