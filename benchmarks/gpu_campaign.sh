@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
 #   bash benchmarks/gpu_campaign.sh serving_dp   # served throughput, dp=1 vs dp=2 (2 GPUs)
 #   bash benchmarks/gpu_campaign.sh serving_multihost   # tp=2: one process vs two (2 GPUs)
+#   bash benchmarks/gpu_campaign.sh mesh_70b        # 70B shape, MESHES_70B (default tp=2)
 #   bash benchmarks/gpu_campaign.sh qmatmul_rerun   # qmatmul GPU tests + fp8 rows at M=4096/8192
 #
 # Writes JSON lines and logs under $OUT (default ./gpu_out); each step has its own time limit so
@@ -93,22 +94,25 @@ serving_dp() {  # a 2-GPU machine: saturation throughput with one engine vs two 
 }
 
 serving_multihost() {  # a 2-GPU machine: tp=2 in one process vs two processes (one GPU each)
+  # HOWS may add "tp1" (one GPU, same load) for a baseline measured in the same run
   local cc=/tmp/jaxinfer_cc port=50063
-  local flags=(--model "$MODEL" --kernels "${KERNELS:-pallas}" --port $port --mesh tp=2
+  local flags=(--model "$MODEL" --kernels "${KERNELS:-pallas}" --port $port
                --num-pages ${PAGES:-4096} --compile-cache $cc --log-level WARNING)
   rm -rf $cc
-  for how in one_process two_processes; do
-    step "server tp=2, $how"
+  for how in ${HOWS:-one_process two_processes}; do
+    step "server $how"
     local t0 pids=(); t0=$(date +%s.%N)
-    if [ $how = one_process ]; then
-      $PY -m serve "${flags[@]}" >>"$OUT/server_mh.log" 2>&1 & pids+=($!)
+    if [ $how = tp1 ]; then
+      $PY -m serve "${flags[@]}" --mesh tp=1 >>"$OUT/server_mh.log" 2>&1 & pids+=($!)
+    elif [ $how = one_process ]; then
+      $PY -m serve "${flags[@]}" --mesh tp=2 >>"$OUT/server_mh.log" 2>&1 & pids+=($!)
     else
       for i in 0 1; do
-        CUDA_VISIBLE_DEVICES=$i $PY -m serve "${flags[@]}" --coordinator 127.0.0.1:50071 \
+        CUDA_VISIBLE_DEVICES=$i $PY -m serve "${flags[@]}" --mesh tp=2 --coordinator 127.0.0.1:50071 \
           --num-processes 2 --process-id $i >>"$OUT/server_mh_p$i.log" 2>&1 & pids+=($!)
       done
     fi
-    $PY benchmarks/wait_serving.py 127.0.0.1:$port --timeout 300 --label "tp=2 $how" \
+    $PY benchmarks/wait_serving.py 127.0.0.1:$port --timeout 300 --label "$how" \
       --since "$t0" >>"$OUT/serving_mh.jsonl" || { kill -9 "${pids[@]}"; return 1; }
     timeout 150 $PY -m jaxinfer.bench serving --target 127.0.0.1:$port --rates inf \
       --num-requests ${NREQ:-256} --prompt-len ${PL:-128} --gen-len ${GL:-256} --warmup 64 \
@@ -136,7 +140,15 @@ mesh() {
   timeout 560 $PY -m jaxinfer.bench --model "${MESH_MODEL:-llama-3.1-8b-shape}" \
     --meshes "${MESHES:-tp=1;tp=2;pp=2;dp=2;tp=2,pp=2}" --batch "${MESH_BATCH:-1,32,64}" \
     --prompt-len 128 --gen-len 256 --decode-steps 16 --repeat 2 ${UNROLL:+--unroll-layers $UNROLL} \
+    ${KERNELS:+--kernels $KERNELS} \
     --chart "$OUT/mesh_sweep.png" >"$OUT/mesh_sweep.jsonl" 2>"$OUT/mesh.err"
+}
+
+mesh_70b() {  # the 70B shape (141 GB of bf16 weights) on the GPUs there are: batch 1 and 32
+  step "70B shape, --meshes ${MESHES_70B:-tp=2}"
+  timeout ${T70B:-300} $PY -m jaxinfer.bench --model llama-3-70b-shape --meshes "${MESHES_70B:-tp=2}" \
+    --batch 1,32 --prompt-len 128 --gen-len 256 --decode-steps 16 --repeat 1 \
+    ${KERNELS:+--kernels $KERNELS} >"$OUT/mesh_70b.jsonl" 2>"$OUT/mesh_70b.err"
 }
 
 for what in "$@"; do "$what"; done

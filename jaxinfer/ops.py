@@ -36,6 +36,7 @@ from jaxinfer.quant import QuantArray, matmul_operands, output_shape
 from pallas_kernels import paged_attention as _paged
 from pallas_kernels import qmatmul as _qmm
 from sharding import spmd
+from sharding.rules import DEFAULT_RULES
 
 DECODE_MAX_T = 8  # query tokens per sequence up to which the decode kernel is used
 # Largest M (batch x tokens) of a quantized matmul that runs the Pallas kernel (see above).
@@ -43,6 +44,10 @@ DECODE_MAX_T = 8  # query tokens per sequence up to which the decode kernel is u
 # convert+dot 50 / 30 / 38 us at M = 1 / 16 / 64: the crossover is near 32. fp8 decode was not
 # measured separately; it shares the int8 kernel's streaming structure and bound.
 QMATMUL_KERNEL_MAX_M = {"int8": 32, "fp8": 32}
+# Largest M up to which a float weight stack is read in place by `dense_matmul` (one row tile
+# of the streaming kernel). Beyond it (prefill chunks) the layer's slice is copied out and XLA's
+# dot runs; the copy is then small beside the matmul.
+DENSE_KERNEL_MAX_M = 64
 
 
 def check_kernels(kernels: Kernels) -> None:
@@ -143,13 +148,19 @@ def linear(
     kernels: Kernels,
     layer: jax.Array | int | None = None,  # which layer of a stacked QuantArray
     out_dtype=None,
+    axes: tuple[str | None, ...] | None = None,  # logical axes of one layer's float weight
 ) -> jax.Array:
     """x @ w over the last `contract` dims of x -> [..., *O] in `out_dtype` (default x's dtype;
     a float weight keeps XLA's usual result type). A QuantArray runs the int8 or fp8 kernel
     (kernels="pallas") or the plain-JAX reference, on x flattened to [M, K]; a stacked one
-    (a leading layers axis) is read in place at `layer`, never sliced out of the stack."""
+    (a leading layers axis) is read in place at `layer`, never sliced out of the stack. A float
+    weight stack [L, *C, *O] (one more dim than its per-layer `axes`) is read at `layer` the
+    same way where `reads_layers_in_place` says so, else sliced for XLA's dot."""
     check_kernels(kernels)
     if not isinstance(w, QuantArray):
+        if axes is not None and w.ndim == len(axes) + 1:
+            return _stacked_linear(x, w, layer, axes=axes, contract=contract, kernels=kernels,
+                                   out_dtype=out_dtype)
         return jnp.tensordot(x, w, axes=contract, preferred_element_type=out_dtype)
     lead = x.shape[:x.ndim - contract]
     q, scale = matmul_operands(w, contract)
@@ -172,3 +183,44 @@ def linear(
     else:
         out = _qmm.fp8_matmul_reference(x2, q, scale, **kw)
     return out.reshape(*lead, *output_shape(w, contract))
+
+
+def reads_layers_in_place(kernels: Kernels, tokens: int) -> bool:
+    """Whether a step of `tokens` rows (batch x new tokens) reads float layer weights in place
+    from their stacks (`dense_matmul`), so the model should keep them out of its layer scan.
+    XLA's dot needs the layer's slice copied out of the stack first: at decode that copy costs
+    more than the matmul (H100, Llama-3.1-8B-shaped projections at batch 1: 15.1 ms per token
+    scanned, 9.4 ms of it copies; 5.6 ms with no slicing)."""
+    return kernels == "pallas" and tokens <= DENSE_KERNEL_MAX_M and spmd.auto_tp() is not None
+
+
+def _stacked_linear(x, w, layer, *, axes, contract: int, kernels: Kernels, out_dtype):
+    """x @ w[layer] for a float weight stack w [L, *C, *O] whose layer has logical `axes`."""
+    lead = x.shape[:x.ndim - contract]
+    tp = spmd.auto_tp()
+    split = [n for n, name in zip(w.shape[1:], axes) if name is not None
+             and DEFAULT_RULES.get(name) == "tp"]
+    if (not reads_layers_in_place(kernels, math.prod(lead)) or x.dtype != w.dtype
+            or (tp and tp > 1 and any(n % tp for n in split))):
+        return jnp.tensordot(x, w[layer], axes=contract, preferred_element_type=out_dtype)
+
+    def run(x, w, layer):  # on local blocks
+        k = math.prod(w.shape[1:1 + contract])
+        n = math.prod(w.shape[1 + contract:])
+        out = _qmm.dense_matmul(x.reshape(-1, k), w.reshape(w.shape[0], k, n), layer=layer,
+                                out_dtype=out_dtype, interpret=use_interpret())
+        return out.reshape(*x.shape[:x.ndim - contract], *w.shape[1 + contract:])
+
+    if tp == 1:
+        return run(x, w, layer)
+    # Megatron under tp: a column-parallel weight (output axes on tp) needs nothing more; a
+    # row-parallel one (contracted axes on tp) leaves partial sums, reduced here as XLA would.
+    row_parallel = any(DEFAULT_RULES.get(name) == "tp" for name in axes[:contract] if name)
+
+    def shard(x, w, layer):
+        out = run(x, w, layer)
+        return jax.lax.psum(out, "tp") if row_parallel else out
+
+    free = (None,) * len(lead)
+    return spmd.over_tp(shard, (free + axes[:contract], ("layers",) + axes, ()),
+                        free + axes[contract:])(x, w, layer)

@@ -36,6 +36,14 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_INIT) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
 
 
+# Logical axes of one layer of each projection weight (the stacks add "layers" in front).
+PROJECTION_AXES = {
+    "wq": ("embed", "heads", "head_dim"), "wk": ("embed", "kv_heads", "head_dim"),
+    "wv": ("embed", "kv_heads", "head_dim"), "wo": ("heads", "head_dim", "embed"),
+    "w_gate": ("embed", "ffn"), "w_up": ("embed", "ffn"), "w_down": ("ffn", "embed"),
+}
+
+
 def _ones(shape, axes, dtype) -> nnx.Param:
     return nnx.Param(jnp.ones(shape, dtype), axes=axes)
 
@@ -47,18 +55,19 @@ class DecoderLayers(nnx.Module):
         L, D, N, K, H, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                             cfg.head_dim, cfg.intermediate_size)
         self.attn_norm = _ones((L, D), ("layers", "embed"), dtype)
-        self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "heads", "head_dim"), dtype)
-        self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
-        self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
+        ax = {name: ("layers",) + a for name, a in PROJECTION_AXES.items()}
+        self.wq = _param(rngs, (L, D, N, H), ax["wq"], dtype)
+        self.wk = _param(rngs, (L, D, K, H), ax["wk"], dtype)
+        self.wv = _param(rngs, (L, D, K, H), ax["wv"], dtype)
         if cfg.attention_bias:
             self.bq = _param(rngs, (L, N, H), ("layers", "heads", "head_dim"), dtype)
             self.bk = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dtype)
             self.bv = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dtype)
-        self.wo = _param(rngs, (L, N, H, D), ("layers", "heads", "head_dim", "embed"), dtype)
+        self.wo = _param(rngs, (L, N, H, D), ax["wo"], dtype)
         self.mlp_norm = _ones((L, D), ("layers", "embed"), dtype)
-        self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "ffn"), dtype)
-        self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "ffn"), dtype)
-        self.w_down = _param(rngs, (L, F, D), ("layers", "ffn", "embed"), dtype)
+        self.w_gate = _param(rngs, (L, D, F), ax["w_gate"], dtype)
+        self.w_up = _param(rngs, (L, D, F), ax["w_up"], dtype)
+        self.w_down = _param(rngs, (L, F, D), ax["w_down"], dtype)
 
     def weights(self) -> dict[str, jax.Array]:
         # get_value, not var[...]: a quantized weight is a QuantArray pytree, not an array.
@@ -70,11 +79,18 @@ def _layer(cfg: ModelConfig, kernels: Kernels, w: dict[str, jax.Array], layer: j
            x: jax.Array, cache: PagedKVCache, cos: jax.Array, sin: jax.Array,
            positions: jax.Array, block_tables: jax.Array, seq_lens: jax.Array,
            slots: jax.Array) -> tuple[jax.Array, PagedKVCache]:
-    """One decoder block on x [B, T, D] with the layer's weights `w` (no leading axis)."""
+    """One decoder block on x [B, T, D] with the layer's weights `w`: sliced (no leading axis),
+    or whole stacks read at `layer` (quantized weights; float projections at decode with the
+    Pallas kernels, see `Llama.run_layers`)."""
+
+    def linear(h, name, contract=1):
+        return ops.linear(h, w[name], contract=contract, layer=layer, kernels=kernels,
+                          axes=PROJECTION_AXES[name])
+
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-    q = ops.linear(h, w["wq"], layer=layer, kernels=kernels)  # [B, T, N, H]
-    k = ops.linear(h, w["wk"], layer=layer, kernels=kernels)  # [B, T, K, H]
-    v = ops.linear(h, w["wv"], layer=layer, kernels=kernels)
+    q = linear(h, "wq")  # [B, T, N, H]
+    k = linear(h, "wk")  # [B, T, K, H]
+    v = linear(h, "wv")
     if cfg.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
@@ -86,13 +102,13 @@ def _layer(cfg: ModelConfig, kernels: Kernels, w: dict[str, jax.Array], layer: j
         q, k_pages, v_pages, layer, block_tables, seq_lens, positions,
         k_scale=k_scale, v_scale=v_scale, scale=cfg.head_dim ** -0.5,
         sliding_window=cfg.sliding_window, kernels=kernels)
-    x = x + constrain(ops.linear(attn, w["wo"], contract=2, layer=layer, kernels=kernels),
+    x = x + constrain(linear(attn, "wo", contract=2),
                       ("batch", "seq", "embed"))
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-    gate = ops.linear(h, w["w_gate"], layer=layer, kernels=kernels)  # [B, T, F]
-    up = ops.linear(h, w["w_up"], layer=layer, kernels=kernels)
+    gate = linear(h, "w_gate")  # [B, T, F]
+    up = linear(h, "w_up")
     act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "ffn"))
-    x = x + constrain(ops.linear(act, w["w_down"], layer=layer, kernels=kernels),
+    x = x + constrain(linear(act, "w_down"),
                       ("batch", "seq", "embed"))
     return x, PagedKVCache(k=k_pages, v=v_pages, k_scale=k_scale, v_scale=v_scale)
 
@@ -163,7 +179,10 @@ class Llama(nnx.Module):
         weights = self.layers.weights()
         # Quantized weights stay whole: their kernels read layer `layer` of the stack in place
         # (scanning over them would slice each out of the stack: a copy per layer and step).
-        stacked = {k: v for k, v in weights.items() if isinstance(v, QuantArray)}
+        # So do the float projections where the Pallas kernels read them in place (decode).
+        in_place = ops.reads_layers_in_place(kernels, x.shape[0] * x.shape[1])
+        stacked = {k: v for k, v in weights.items()
+                   if isinstance(v, QuantArray) or (in_place and k in PROJECTION_AXES)}
         scanned = {k: v for k, v in weights.items() if k not in stacked}
 
         def body(carry, xs):

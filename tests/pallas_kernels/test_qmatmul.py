@@ -181,6 +181,31 @@ class QMatmulCases:
             case, w = layouts[i % 2]
             _assert_close(_run(case, x, w, interpret=self.INTERPRET, cfg=cfg), want, "float32")
 
+    @pytest.mark.parametrize("m,transposed,x_dtype,cfg", [
+        (1, False, "bfloat16", None), (16, True, "bfloat16", None),
+        (5, False, "float32", SMALL), (200, False, "bfloat16", SMALL)])
+    def test_dense_reads_the_layer_in_place(self, m, transposed, x_dtype, cfg):
+        """A float weight stack [L, K, N] is read at `layer` (a traced index, as in the layer
+        loop); ragged K/N tails masked."""
+        _skip_unless_supported(self.INTERPRET, "int8")
+        kx, kw = jax.random.split(jax.random.key(m))
+        k, n, layers = 172, 100, 3
+        x = jax.random.normal(kx, (m, k), jnp.float32).astype(x_dtype)
+        w = (jax.random.normal(kw, (layers, n, k) if transposed else (layers, k, n)) * 0.02
+             ).astype(x_dtype)
+        kwargs = {} if cfg is None else {"cfg": cfg}
+        run = jax.jit(lambda x, w, layer: qm.dense_matmul(
+            x, w, layer=layer, transposed=transposed, interpret=self.INTERPRET, **kwargs))
+        for layer in range(layers):
+            got = run(x, w, jnp.int32(layer))
+            assert got.dtype == x.dtype
+            want = qm.dense_matmul_reference(x, w, layer=layer, transposed=transposed)
+            _assert_close(np.asarray(got.astype(jnp.float32)),
+                          np.asarray(want.astype(jnp.float32)), x_dtype)
+        with pytest.raises(ValueError, match="share a float dtype"):
+            qm.dense_matmul(x, w.astype(jnp.float16), layer=0, transposed=transposed,
+                            interpret=True)
+
     def test_rejects_bad_arguments(self):
         x = jnp.zeros((4, 128), jnp.bfloat16)
         w = jnp.zeros((128, 64), jnp.int8)
@@ -234,6 +259,15 @@ def test_lowers_for_cuda(name):
     lowered = jax.jit(f).trace(sds((m, k), jnp.dtype(dt)), w, s).lower(
         lowering_platforms=("cuda",))
     assert f"{kind}_matmul" in lowered.as_text()
+
+
+def test_dense_lowers_for_cuda():
+    """The float-weight kernel at decode shapes of the 8B model (a layer of a stacked weight)."""
+    sds = jax.ShapeDtypeStruct
+    lowered = jax.jit(lambda x, w, i: qm.dense_matmul(x, w, layer=i)).trace(
+        sds((16, 4096), jnp.bfloat16), sds((32, 4096, 14336), jnp.bfloat16),
+        sds((), jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert "dense_matmul" in lowered.as_text()
 
 
 def test_tiles_shrink_to_fit_shared_memory():

@@ -95,3 +95,51 @@ def test_replicated_kv_heads_use_the_reference(monkeypatch):
     want = paged_attention_reference(q, k_pages, v_pages, 0, tables, jnp.array([5]),
                                      jnp.array([[4]]), scale=0.25)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_stacked_linear_reads_the_layer_per_tp_shard(tp, monkeypatch):
+    """Float weight stacks at decode: `dense_matmul` reads layer `layer` in place on each tp
+    shard; column-parallel (q, output heads split) and row-parallel (o, contracted heads
+    split, partial sums reduced) equal x @ w[layer]. KV heads that tp does not divide (the
+    cache replicates them) take XLA's dot instead."""
+    from pallas_kernels import qmatmul
+
+    seen = []
+    real = qmatmul.dense_matmul
+
+    def spy(x, w, **kw):
+        seen.append((x.shape, w.shape))
+        return real(x, w, **kw)
+
+    monkeypatch.setattr(qmatmul, "dense_matmul", spy)
+    rng = np.random.default_rng(tp)
+    d, kv, b = 32, 2, 3
+    x = jnp.asarray(rng.normal(size=(b, 1, d)), jnp.float32)
+    attn = jnp.asarray(rng.normal(size=(b, 1, N, H)), jnp.float32)
+    wq = jnp.asarray(rng.normal(size=(3, d, N, H)) * 0.1, jnp.float32)
+    wk = jnp.asarray(rng.normal(size=(3, d, kv, H)) * 0.1, jnp.float32)
+    wo = jnp.asarray(rng.normal(size=(3, N, H, d)) * 0.1, jnp.float32)
+    mesh = make_mesh(f"tp={tp}", devices=jax.devices()[:tp])
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+    q_axes, k_axes, o_axes = (("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim"),
+                              ("heads", "head_dim", "embed"))
+
+    def step(x, attn, wq, wk, wo, layer):
+        kw = dict(layer=layer, kernels="pallas")
+        return (ops.linear(x, wq, axes=q_axes, **kw), ops.linear(x, wk, axes=k_axes, **kw),
+                ops.linear(attn, wo, contract=2, axes=o_axes, **kw))
+
+    kv_split = kv % tp == 0
+    args = (put(x, P()), put(attn, P(None, None, "tp")), put(wq, P(None, None, "tp")),
+            put(wk, P(None, None, "tp" if kv_split else None)), put(wo, P(None, "tp")))
+    with mesh_context(mesh):
+        q, k, o = jax.jit(step)(*args, jnp.int32(1))
+    np.testing.assert_allclose(np.asarray(q), np.tensordot(x, wq[1], 1), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(k), np.tensordot(x, wk[1], 1), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(o), np.tensordot(attn, wo[1], 2), atol=1e-5)
+    want = [((b, d), (3, d, N * H // tp))]  # q: this shard's output columns
+    if kv_split:
+        want.append(((b, d), (3, d, kv * H // tp)))
+    want.append(((b, N * H // tp), (3, N * H // tp, d)))  # o: this shard's contracted rows
+    assert seen == want

@@ -163,7 +163,18 @@ def test_pallas_kernels_on_meshes(pallas_model, mesh_text, monkeypatch):
             traced.append((_name, q.shape[2], k_pages.shape[1]))  # heads seen by the kernel
             return _kernel(q, k_pages, *args, **kw)
         monkeypatch.setattr(module, name, spy)
+    from pallas_kernels import qmatmul
+    dense = []
+    real_dense = qmatmul.dense_matmul
+
+    def dense_spy(x, w, **kw):
+        dense.append(w.shape)
+        return real_dense(x, w, **kw)
+
+    monkeypatch.setattr(qmatmul, "dense_matmul", dense_spy)
     assert greedy(make_generator(path, mesh_text, kernels="pallas")) == want
+    # the prefill (4 x 8 tokens) and decode programs each read the 7 projection stacks in place
+    assert len(dense) == 14 and all(len(shape) == 3 for shape in dense), dense
     tp = parse_mesh(mesh_text).tp
     # 8 query heads and 2 KV heads, split over tp: each kernel call sees its shard's heads
     # (prefill chunks of 8 tokens go to the decode kernel; tests/sharding/test_kernels_over_tp
