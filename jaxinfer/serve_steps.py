@@ -50,8 +50,8 @@ from jaxinfer import buckets, ops
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.errors import ConfigError
 from jaxinfer.kv_cache import PagedKVCache, cache_axes, init_cache
-from jaxinfer.sampling import (SamplingParams, apply_penalties, sample, token_logprobs,
-                               whole_rows)
+from jaxinfer.sampling import (SamplingParams, apply_penalties, greedy_tokens, sample,
+                               token_logprobs, whole_rows)
 from sharding.rules import model_rules, tree_shardings
 from sharding.spmd import manual_axes, mesh_context, replicated
 
@@ -97,7 +97,7 @@ def _choose(logits: jax.Array, state: SlotState, slot: jax.Array, fp: jax.Array,
     b, k = logits.shape[0], num_logprobs
     bits = jax.lax.bitcast_convert_type
     if not full:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = greedy_tokens(logits)
         return tokens, state, jnp.concatenate(
             [tokens[:, None], jnp.zeros((b, 1 + 2 * k), jnp.int32)], axis=1)
     logits = whole_rows(logits)

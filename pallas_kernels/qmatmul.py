@@ -77,6 +77,10 @@ class QMatmulTuning:
     small: MatmulBlocks
     large: MatmulBlocks
     small_m_max: int = 64
+    # Decode only: narrow the column tiles (to 64) and then split K in two until there are at
+    # least this many programs, so a weight with few columns still streams on every SM
+    # (0: the blocks as given).
+    min_programs: int = 0
 
     def blocks(self, m: int) -> MatmulBlocks:
         return self.small if m <= self.small_m_max else self.large
@@ -91,12 +95,15 @@ INT8_DEFAULT = QMatmulTuning(
                        num_stages=4),
     large=MatmulBlocks(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
 )
-# bf16 weights, decode: the int8 tiles at half the depth (the same bytes per stage).
-# Not tuned separately.
+# bf16 weights, decode (benchmarks/dense_tuning_probe.py, H200, the 8B layer's projections
+# whole and per tp=2 shard, M = 1 and 32): 128 x 128 tiles are best where they make >= ~112
+# programs (N = 14336: 4.1 TB/s); with fewer columns 64-wide tiles and a 2-way K split win
+# (N = 4096: 2.0 -> 4.6 TB/s at M = 1, above XLA's dot on an unstacked weight, 4.4).
 DENSE_DEFAULT = QMatmulTuning(
     small=MatmulBlocks(block_m=16, block_n=128, block_k=128, split_k=1, num_warps=4,
                        num_stages=4),
     large=MatmulBlocks(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    min_programs=100,
 )
 FP8_DEFAULT = QMatmulTuning(
     small=MatmulBlocks(block_m=16, block_n=128, block_k=256, split_k=1, num_warps=4,
@@ -294,7 +301,7 @@ def _fit_smem(bm: int, bn: int, bk: int, stages: int, x_bytes: int, w_bytes: int
 
 
 def _plan(m: int, n: int, k: int, blocks: MatmulBlocks, small_m_max: int,
-          group: int | None, x_bytes: int, w_bytes: int) -> _Plan:
+          group: int | None, x_bytes: int, w_bytes: int, min_programs: int = 0) -> _Plan:
     if m <= small_m_max:
         bm = _pow2_at_least_16(m)  # one row tile: the weight is read once
     else:
@@ -304,6 +311,11 @@ def _plan(m: int, n: int, k: int, blocks: MatmulBlocks, small_m_max: int,
     bn, bk, stages = _fit_smem(bm, bn, bk, blocks.num_stages, x_bytes, w_bytes, group)
     full, tail = divmod(k, bk)
     split = blocks.split_k
+    if m <= small_m_max and min_programs:
+        while pl.cdiv(n, bn) * split < min_programs and bn > 64:
+            bn //= 2
+        if pl.cdiv(n, bn) * split < min_programs and split == 1:
+            split = 2
     if split > 1 and (tail or full % split):
         split = 1  # uneven splits are not worth masking: fall back to one program along K
     return _Plan(m=m, n=n, k=k, bm=bm, bn=bn, bk=bk, split=split, steps=full // split,
@@ -430,7 +442,8 @@ def _matmul_kernel(layer_ref, x_ref, *refs, p: _Plan, group: int | None, transpo
 
 
 def _launch(x, x_scale, w, scale, layer, *, group, transposed, out_dtype,
-            blocks: MatmulBlocks, small_m_max: int, interpret: bool, name: str) -> jax.Array:
+            blocks: MatmulBlocks, small_m_max: int, interpret: bool, name: str,
+            min_programs: int = 0) -> jax.Array:
     if w.ndim == 2:  # one layer: a stack of one (free reshapes)
         if layer is not None:
             raise ValueError(f"layer given for an unstacked weight {w.shape}")
@@ -440,7 +453,8 @@ def _launch(x, x_scale, w, scale, layer, *, group, transposed, out_dtype,
         raise ValueError(f"stacked weight {w.shape} needs a layer index")
     m, k = x.shape
     n = w.shape[1] if transposed else w.shape[2]
-    p = _plan(m, n, k, blocks, small_m_max, group, x.dtype.itemsize, w.dtype.itemsize)
+    p = _plan(m, n, k, blocks, small_m_max, group, x.dtype.itemsize, w.dtype.itemsize,
+              min_programs)
 
     def tm(pid):
         return _tile_ids(pid, p)[0]
@@ -534,7 +548,8 @@ def dense_matmul(
         raise ValueError(f"x and w must share a float dtype, got {x.dtype} and {w.dtype}")
     return _launch(x, None, w, None, layer, group=None, transposed=transposed,
                    out_dtype=jnp.dtype(out_dtype or x.dtype), blocks=cfg.blocks(m),
-                   small_m_max=cfg.small_m_max, interpret=interpret, name="dense_matmul")
+                   small_m_max=cfg.small_m_max, interpret=interpret, name="dense_matmul",
+                   min_programs=cfg.min_programs)
 
 
 def dense_matmul_reference(x: jax.Array, w: jax.Array, *, layer=None, transposed: bool = False,

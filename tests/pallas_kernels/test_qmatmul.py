@@ -270,6 +270,17 @@ def test_dense_lowers_for_cuda():
     assert "dense_matmul" in lowered.as_text()
 
 
+def test_dense_decode_plan_fills_the_gpu():
+    """Few columns: 64-wide tiles, then a 2-way K split, until ~100 programs stream the weight;
+    many columns keep the 128-wide tiles (the measured best at N = 14336)."""
+    blocks, want = qm.DENSE_DEFAULT.small, qm.DENSE_DEFAULT.min_programs
+    plan = lambda m, k, n: qm._plan(m, n, k, blocks, 64, None, 2, 2, want)  # noqa: E731
+    assert (plan(1, 4096, 14336).bn, plan(1, 4096, 14336).split) == (128, 1)
+    assert (plan(1, 4096, 7168).bn, plan(1, 4096, 7168).split) == (64, 1)
+    assert (plan(32, 4096, 4096).bn, plan(32, 4096, 4096).split) == (64, 2)
+    assert (plan(128, 4096, 4096).bn, plan(128, 4096, 4096).split) == (128, 1)  # tiled regime
+
+
 def test_tiles_shrink_to_fit_shared_memory():
     """The decode tuning (tuned at M = 16) still plans a launch that fits at M = 64, where the
     row tile is 64 deep (an H100 refused 128 x 256 tiles with 4 stages there)."""
