@@ -258,6 +258,23 @@ def test_decode_hlo_collectives(models, mesh_text):
     assert not [o for o in ops if o[0] in ("all-to-all", "reduce-scatter")]
 
 
+def test_pallas_decode_hlo_moves_no_weights(pallas_model):
+    """--kernels pallas under tp=2: the kernels' shard_maps take the weights and cache as they
+    are sharded, so the compiled decode step moves nothing big: one all-reduce per row-parallel
+    matmul (2 per layer), the embedding's and greedy sampling's small ones, no all-gather,
+    all-to-all or permute (a spec that disagreed with a weight's sharding would reshard it
+    every step)."""
+    gen = make_generator(pallas_model, "tp=2", unroll_layers=64, kernels="pallas")
+    greedy(gen)
+    [hlo] = [exe.as_text() for key, exe in gen.runner.compiled.items() if key[0] == "decode"]
+    ops = collectives(hlo)
+    assert not [o for o in ops if o[0] != "all-reduce"], ops
+    b, d = 4, 64
+    big = [o for o in ops if _elements(o[1]) > b * d]
+    assert not big, big
+    assert len([o for o in ops if _elements(o[1]) == b * d]) == 2 * 4 + 1, ops  # + embedding
+
+
 _SORT = re.compile(r"= \((\w+)\[([\d,]+)\]\S* [^)]*\) sort\(")
 
 
