@@ -27,6 +27,8 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sharding.rules import logical_to_spec
+
 MANUAL_AXES = ("dp", "pp")
 
 
@@ -116,8 +118,6 @@ def over_tp(fn: Callable, in_axes: Sequence[tuple[str | None, ...] | None],
     result are named by logical axes (`sharding.rules`), of which only the `tp` mapping is used
     (a None entry: an absent operand); the other mesh axes stay as they are (manual in an
     enclosing shard_map, or of size 1)."""
-    from sharding.rules import logical_to_spec
-
     def spec(names):
         return None if names is None else logical_to_spec(names, mesh_axes=("tp",))
 
