@@ -10,9 +10,12 @@ summed busy time can exceed the wall time.
 """
 import collections
 import dataclasses
+import glob
 import json
 import os
 import re
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -25,48 +28,70 @@ from jaxinfer.runner import Runner
 from sharding.data_parallel import ReplicaPageAllocator
 from sharding.mesh import make_mesh, parse_mesh
 
-model = os.environ.get("MODEL", "llama-3.1-8b-shape"); GL = 129; PL = 128
-for mesh_text in os.environ.get("MESHES", "tp=1;tp=2").split(";"):
-    spec = parse_mesh(mesh_text); mesh = make_mesh(spec)
-    loaded = load_model(model, mesh=mesh, dtype="bfloat16")
-    cfg = dataclasses.replace(loaded.cfg, eos_token_ids=())
-    for b in (1, 32):
-        per = pages_needed(PL + GL, 16)
-        eng = EngineConfig(page_size=16, num_pages=b * per, max_seq_len=PL + GL, dtype="bfloat16", kernels="pallas", decode_steps=16, batch_buckets=(b,), prefill_buckets=(PL,))
-        r = Runner(cfg, eng, loaded.graphdef, loaded.params, mesh=mesh)
-        cache = init_cache(cfg, eng, r.cache_shardings)
-        alloc = ReplicaPageAllocator(r.layout)
-        pl_ = [alloc.allocate(per, replica=r.layout.replica_of_slot(i)) for i in range(b)]
-        prompts = [np.arange(PL, dtype=np.int32) + i for i in range(b)]
-        cache, t = bench.run_once(r, cache, pl_, prompts, GL, 16)
-        cache, t = bench.run_once(r, cache, pl_, prompts, GL, 16)
-        import glob
-        import shutil
-        import tempfile
-        tdir = tempfile.mkdtemp()
+PROMPT, GEN, STEPS = 128, 129, 16  # 128 decoded tokens after the prefill's first
+
+
+def _families(plane) -> dict[str, list]:
+    """{kernel family (name without numeric suffixes): [total ms, launches]} of one GPU."""
+    lines = {line.name: line for line in plane.lines}
+    pick = [n for n in lines if n == "XLA Ops"] or [n for n in lines if "Stream" in n]
+    fam = collections.defaultdict(lambda: [0.0, 0])
+    for name in pick:
+        for event in lines[name].events:
+            key = re.sub(r"([._]\d+)+$", "", event.name)[:48]
+            fam[key][0] += event.duration_ns / 1e6
+            fam[key][1] += 1
+    return fam
+
+
+def _trace(runner, cache, pages, prompts):
+    """One traced generation -> (cache, timings, GPU planes)."""
+    tdir = tempfile.mkdtemp()
+    try:
         jax.profiler.start_trace(tdir)
-        cache, t = bench.run_once(r, cache, pl_, prompts, GL, 16)
+        cache, times = bench.run_once(runner, cache, pages, prompts, GEN, STEPS)
         jax.profiler.stop_trace()
-        f = glob.glob(tdir + "/**/*.xplane.pb", recursive=True)[0]
-        d = jax.profiler.ProfileData.from_file(f)
-        for plane in d.planes:
-            if not plane.name.startswith("/device:GPU:"):
-                continue
-            lines = {l.name: l for l in plane.lines}
-            pick = [n for n in lines if n == "XLA Ops"] or [n for n in lines if "Stream" in n]
-            fam = collections.defaultdict(lambda: [0.0, 0])
-            for ln in pick:
-                for e in lines[ln].events:
-                    key = re.sub(r"([._]\d+)+$", "", e.name)[:48]
-                    fam[key][0] += e.duration_ns / 1e6; fam[key][1] += 1
-            tot = sum(v[0] for v in fam.values())
-            top = sorted(fam.items(), key=lambda kv: -kv[1][0])[:12]
-            print(json.dumps({"mesh": mesh_text, "batch": b, "plane": plane.name, "lines": list(lines)[:6],
-                              "wall_decode_ms_per_tok": round(t.decode / (GL - 1) * 1e3, 3),
-                              "busy_ms_per_tok": round(tot / (GL - 1), 3),
-                              "top_ms_per_tok": {k: [round(v[0] / (GL - 1), 4), v[1]] for k, v in top}}), flush=True)
-            if mesh_text == "tp=1" or plane.name.endswith(":1"):
-                pass
+        [path] = glob.glob(tdir + "/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+        planes = [p for p in data.planes if p.name.startswith("/device:GPU:")]
+        return cache, times, planes
+    finally:
         shutil.rmtree(tdir)
-        del cache, r
-    del loaded
+
+
+def main() -> None:
+    model = os.environ.get("MODEL", "llama-3.1-8b-shape")
+    tokens = GEN - 1
+    for mesh_text in os.environ.get("MESHES", "tp=1;tp=2").split(";"):
+        spec = parse_mesh(mesh_text)
+        mesh = make_mesh(spec)
+        loaded = load_model(model, mesh=mesh, dtype="bfloat16")
+        cfg = dataclasses.replace(loaded.cfg, eos_token_ids=())
+        for b in (1, 32):
+            per = pages_needed(PROMPT + GEN, 16)
+            eng = EngineConfig(page_size=16, num_pages=b * per, max_seq_len=PROMPT + GEN,
+                               dtype="bfloat16", kernels="pallas", decode_steps=STEPS,
+                               batch_buckets=(b,), prefill_buckets=(PROMPT,))
+            runner = Runner(cfg, eng, loaded.graphdef, loaded.params, mesh=mesh)
+            cache = init_cache(cfg, eng, runner.cache_shardings)
+            alloc = ReplicaPageAllocator(runner.layout)
+            pages = [alloc.allocate(per, replica=runner.layout.replica_of_slot(i))
+                     for i in range(b)]
+            prompts = [np.arange(PROMPT, dtype=np.int32) + i for i in range(b)]
+            for _ in range(2):  # compile, then warm
+                cache, _ = bench.run_once(runner, cache, pages, prompts, GEN, STEPS)
+            cache, times, planes = _trace(runner, cache, pages, prompts)
+            for plane in planes:
+                fam = _families(plane)
+                top = sorted(fam.items(), key=lambda kv: -kv[1][0])[:12]
+                print(json.dumps({
+                    "mesh": mesh_text, "batch": b, "plane": plane.name,
+                    "wall_decode_ms_per_tok": round(times.decode / tokens * 1e3, 3),
+                    "busy_ms_per_tok": round(sum(v[0] for v in fam.values()) / tokens, 3),
+                    "top_ms_per_tok": {k: [round(v[0] / tokens, 4), v[1]] for k, v in top},
+                }), flush=True)
+            del cache, runner
+
+
+if __name__ == "__main__":
+    main()

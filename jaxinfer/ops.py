@@ -204,22 +204,25 @@ def _stacked_linear(x, w, layer, *, axes, contract: int, kernels: Kernels, out_d
             or (tp and tp > 1 and any(n % tp for n in split))):
         return jnp.tensordot(x, w[layer], axes=contract, preferred_element_type=out_dtype)
 
-    def run(x, w, layer):  # on local blocks
+    def run(x, w, layer, dtype=out_dtype):  # on local blocks
         k = math.prod(w.shape[1:1 + contract])
         n = math.prod(w.shape[1 + contract:])
         out = _qmm.dense_matmul(x.reshape(-1, k), w.reshape(w.shape[0], k, n), layer=layer,
-                                out_dtype=out_dtype, interpret=use_interpret())
+                                out_dtype=dtype, interpret=use_interpret())
         return out.reshape(*x.shape[:x.ndim - contract], *w.shape[1 + contract:])
 
     if tp == 1:
         return run(x, w, layer)
     # Megatron under tp: a column-parallel weight (output axes on tp) needs nothing more; a
-    # row-parallel one (contracted axes on tp) leaves partial sums, reduced here as XLA would.
+    # row-parallel one (contracted axes on tp) leaves partial sums, reduced here in float32
+    # (exact partials; XLA's CPU backend also aborts on a bfloat16 psum in a shard_map).
     row_parallel = any(DEFAULT_RULES.get(name) == "tp" for name in axes[:contract] if name)
 
     def shard(x, w, layer):
-        out = run(x, w, layer)
-        return jax.lax.psum(out, "tp") if row_parallel else out
+        if not row_parallel:
+            return run(x, w, layer)
+        partial = run(x, w, layer, jnp.float32)
+        return jax.lax.psum(partial, "tp").astype(out_dtype or x.dtype)
 
     free = (None,) * len(lead)
     return spmd.over_tp(shard, (free + axes[:contract], ("layers",) + axes, ()),

@@ -143,3 +143,23 @@ def test_stacked_linear_reads_the_layer_per_tp_shard(tp, monkeypatch):
         want.append(((b, d), (3, d, kv * H // tp)))
     want.append(((b, N * H // tp), (3, N * H // tp, d)))  # o: this shard's contracted rows
     assert seen == want
+
+
+def test_row_parallel_bfloat16_reduces_in_float32():
+    """bfloat16 weights (what the GPU runs): the row-parallel partial sums are reduced in
+    float32, so the result is the float32 product rounded once (a bfloat16 psum inside the
+    shard_map also aborted XLA's CPU compiler: "Invalid binary instruction opcode copy")."""
+    rng = np.random.default_rng(7)
+    d = 64
+    attn = jnp.asarray(rng.normal(size=(2, 1, N, H)), jnp.bfloat16)
+    wo = jnp.asarray(rng.normal(size=(3, N, H, d)) * 0.1, jnp.bfloat16)
+    mesh = make_mesh("tp=2", devices=jax.devices()[:2])
+    args = (jax.device_put(attn, NamedSharding(mesh, P(None, None, "tp"))),
+            jax.device_put(wo, NamedSharding(mesh, P(None, "tp"))))
+    with mesh_context(mesh):
+        got = jax.jit(lambda a, w: ops.linear(
+            a, w, contract=2, layer=jnp.int32(2), kernels="pallas",
+            axes=("heads", "head_dim", "embed")))(*args)
+    assert got.dtype == jnp.bfloat16
+    want = np.tensordot(np.asarray(attn, np.float32), np.asarray(wo[2], np.float32), 2)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-2)
