@@ -1,9 +1,10 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxinfer.errors import RequestError
-from jaxinfer.sampling import SamplingParams, row_keys, sample
+from jaxinfer.sampling import SamplingParams, greedy_tokens, row_keys, sample
 
 
 def _draw(logits, n=2000, **kw):
@@ -193,3 +194,19 @@ def test_filters_per_row_and_greedy_rows_unaffected():
 def test_bad_penalties_raise(kw):
     with pytest.raises(RequestError):
         SamplingParams.make(2, **kw)
+
+
+def test_greedy_tokens_is_argmax_first_of_ties():
+    """The two-reduction argmax (partitions as all-reduces under tp) picks what jnp.argmax
+    picks, including the first index among equal maxima; a NaN row stays in range."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 50)).astype(np.float32)
+    logits[1, [3, 17, 40]] = 9.0  # a three-way tie: the first wins
+    logits[2] = 0.0  # all equal
+    logits[3, 49] = 99.0  # the last index
+    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert got[1] == 3 and got[2] == 0 and got[3] == 49
+    logits[4, 7] = np.nan
+    nan_row = int(jax.jit(greedy_tokens)(jnp.asarray(logits))[4])
+    assert 0 <= nan_row < 50
