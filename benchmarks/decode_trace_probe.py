@@ -4,7 +4,9 @@ For each mesh in MESHES (default "tp=1;tp=2") and batch 1 and 32, runs one warm 
 the 8B shape (prompt 128, 128 decode tokens, `--kernels pallas`) under `jax.profiler`, reads the
 trace back with `jax.profiler.ProfileData` and prints, per GPU, the kernel families taking the
 most stream time per decoded token (ms, launches). Streams overlap (async collectives), so the
-summed busy time can exceed the wall time.
+summed busy time can exceed the wall time. Also per GPU: the idle time of its busiest stream
+and the kernel pairs around the largest gaps (what the stream waited between), and per decode
+program the collectives in its compiled HLO (op and shape, with counts).
 
     MESHES="tp=1;tp=2" python benchmarks/decode_trace_probe.py
 """
@@ -38,10 +40,50 @@ def _families(plane) -> dict[str, list]:
     fam = collections.defaultdict(lambda: [0.0, 0])
     for name in pick:
         for event in lines[name].events:
-            key = re.sub(r"([._]\d+)+$", "", event.name)[:48]
+            key = _family(event.name)
             fam[key][0] += event.duration_ns / 1e6
             fam[key][1] += 1
     return fam
+
+
+def _family(name: str) -> str:
+    return re.sub(r"([._]\d+)+$", "", name)[:48]
+
+
+def _gaps(plane, tokens: int) -> dict:
+    """Idle time of the GPU's busiest stream, per decoded token, by the kernels around each gap."""
+    streams = [line for line in plane.lines if "Stream" in line.name]
+    if not streams:
+        return {}
+    main = max(streams, key=lambda line: len(line.events))
+    ev = sorted((e.start_ns, e.end_ns, _family(e.name)) for e in main.events)
+    pairs = collections.defaultdict(lambda: [0.0, 0])
+    idle = 0.0
+    for (_, end0, n0), (start1, _, n1) in zip(ev, ev[1:]):
+        gap = start1 - end0
+        if gap > 2_000:  # launch-to-launch gaps under 2 us are the stream's normal cadence
+            idle += gap
+            pairs[f"{n0} -> {n1}"][0] += gap / 1e6
+            pairs[f"{n0} -> {n1}"][1] += 1
+    top = sorted(pairs.items(), key=lambda kv: -kv[1][0])[:8]
+    return {"stream": main.name, "idle_ms_per_tok": round(idle / 1e6 / tokens, 3),
+            "span_ms_per_tok": round((ev[-1][1] - ev[0][0]) / 1e6 / tokens, 3),
+            "top_gaps_ms_per_tok": {k: [round(v[0] / tokens, 4), v[1]] for k, v in top}}
+
+
+_COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(-start)?\(")
+
+
+def _collectives(runner) -> dict:
+    """{decode program key: {"op shape": count}} from the compiled HLO."""
+    out = {}
+    for key, exe in runner.compiled.items():
+        if key[0] != "decode":
+            continue
+        found = collections.Counter(f"{m[2]} {m[1]}" for m in _COLLECTIVE.finditer(exe.as_text()))
+        out[str(key)] = dict(found)
+    return out
 
 
 def _trace(runner, cache, pages, prompts):
@@ -89,7 +131,11 @@ def main() -> None:
                     "wall_decode_ms_per_tok": round(times.decode / tokens * 1e3, 3),
                     "busy_ms_per_tok": round(sum(v[0] for v in fam.values()) / tokens, 3),
                     "top_ms_per_tok": {k: [round(v[0] / tokens, 4), v[1]] for k, v in top},
+                    "gaps": _gaps(plane, tokens),
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
                 }), flush=True)
+            print(json.dumps({"mesh": mesh_text, "batch": b, "collectives": _collectives(runner)}),
+                  flush=True)
             del cache, runner
 
 

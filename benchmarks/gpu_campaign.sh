@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_campaign.sh serving_dp   # served throughput, dp=1 vs dp=2 (2 GPUs)
 #   bash benchmarks/gpu_campaign.sh serving_multihost   # tp=2: one process vs two (2 GPUs)
 #   bash benchmarks/gpu_campaign.sh mesh_70b        # 70B shape, MESHES_70B (default tp=2)
+#   bash benchmarks/gpu_campaign.sh trace     # decode_trace_probe over TRACE_MESHES (2 GPUs)
 #   bash benchmarks/gpu_campaign.sh qmatmul_rerun   # qmatmul GPU tests + fp8 rows at M=4096/8192
 #
 # Writes JSON lines and logs under $OUT (default ./gpu_out); each step has its own time limit so
@@ -142,6 +143,12 @@ mesh() {
     --prompt-len 128 --gen-len 256 --decode-steps 16 --repeat 2 ${UNROLL:+--unroll-layers $UNROLL} \
     ${KERNELS:+--kernels $KERNELS} \
     --chart "$OUT/mesh_sweep.png" >"$OUT/mesh_sweep.jsonl" 2>"$OUT/mesh.err"
+}
+
+trace() {  # per-kernel time, stream idle gaps and HLO collectives of the 8B decode, per mesh
+  step "decode trace ${TRACE_MESHES:-tp=1;tp=2}"
+  MESHES="${TRACE_MESHES:-tp=1;tp=2}" timeout ${TTRACE:-300} $PY benchmarks/decode_trace_probe.py \
+    >>"$OUT/decode_trace.jsonl" 2>>"$OUT/trace.err"
 }
 
 mesh_70b() {  # the 70B shape (141 GB of bf16 weights) on the GPUs there are: batch 1 and 32
