@@ -52,11 +52,12 @@ def _family(name: str) -> str:
 
 def _gaps(plane, tokens: int) -> dict:
     """Idle time of the GPU's busiest stream, per decoded token, by the kernels around each gap."""
-    streams = [line for line in plane.lines if "Stream" in line.name]
+    streams = {line.name: [(e.start_ns, e.end_ns, _family(e.name)) for e in line.events]
+               for line in plane.lines if "Stream" in line.name}
     if not streams:
         return {}
-    main = max(streams, key=lambda line: len(line.events))
-    ev = sorted((e.start_ns, e.end_ns, _family(e.name)) for e in main.events)
+    name = max(streams, key=lambda n: len(streams[n]))
+    ev = sorted(streams[name])
     pairs = collections.defaultdict(lambda: [0.0, 0])
     idle = 0.0
     for (_, end0, n0), (start1, _, n1) in zip(ev, ev[1:]):
@@ -66,7 +67,7 @@ def _gaps(plane, tokens: int) -> dict:
             pairs[f"{n0} -> {n1}"][0] += gap / 1e6
             pairs[f"{n0} -> {n1}"][1] += 1
     top = sorted(pairs.items(), key=lambda kv: -kv[1][0])[:8]
-    return {"stream": main.name, "idle_ms_per_tok": round(idle / 1e6 / tokens, 3),
+    return {"stream": name, "idle_ms_per_tok": round(idle / 1e6 / tokens, 3),
             "span_ms_per_tok": round((ev[-1][1] - ev[0][0]) / 1e6 / tokens, 3),
             "top_gaps_ms_per_tok": {k: [round(v[0] / tokens, 4), v[1]] for k, v in top}}
 
