@@ -72,7 +72,7 @@ def _gaps(plane, tokens: int) -> dict:
             "top_gaps_ms_per_tok": {k: [round(v[0] / tokens, 4), v[1]] for k, v in top}}
 
 
-_COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+_COLLECTIVE = re.compile(r"= (\S+|\([^)]*\)) (all-gather|all-reduce|reduce-scatter|all-to-all|"
                          r"collective-permute)(-start)?\(")
 
 
@@ -82,8 +82,14 @@ def _collectives(runner) -> dict:
     for key, exe in runner.compiled.items():
         if key[0] != "decode":
             continue
-        found = collections.Counter(f"{m[2]} {m[1]}" for m in _COLLECTIVE.finditer(exe.as_text()))
+        text = exe.as_text()
+        found = collections.Counter(f"{m[2]} {m[1]}" for m in _COLLECTIVE.finditer(text))
         out[str(key)] = dict(found)
+        if os.environ.get("HLO_DIR"):  # the whole optimized program, to read what a kernel is
+            os.makedirs(os.environ["HLO_DIR"], exist_ok=True)
+            name = "_".join(map(str, key)) + f"_{runner.spec}.txt".replace("=", "").replace(",", "_")
+            with open(os.path.join(os.environ["HLO_DIR"], name), "w") as f:
+                f.write(text)
     return out
 
 

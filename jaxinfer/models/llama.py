@@ -156,7 +156,7 @@ class Llama(nnx.Module):
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, T] -> embeddings [B, T, D]."""
-        return constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "seq", "embed"))
+        return constrain(ops.embedding(self.embed[...], tokens), ("batch", "seq", "embed"))
 
     def run_layers(
         self,

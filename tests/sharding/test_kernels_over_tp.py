@@ -163,3 +163,32 @@ def test_row_parallel_bfloat16_reduces_in_float32():
     assert got.dtype == jnp.bfloat16
     want = np.tensordot(np.asarray(attn, np.float32), np.asarray(wo[2], np.float32), 2)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("tp,vocab", [(2, 64), (4, 64), (4, 66)])
+def test_vocab_parallel_embedding(tp, vocab):
+    """The embedding lookup from a vocab-split table: each tp shard looks up its own rows and
+    one [B, T, D] all-reduce sums them, equal to the whole table's rows; the table never moves
+    (GSPMD's own partitioning of the gather all-gathered the whole table per decode token on
+    GPU). A vocabulary tp does not divide stays replicated and is a plain local gather."""
+    rng = np.random.default_rng(tp + vocab)
+    d = 16
+    table = jnp.asarray(rng.normal(size=(vocab, d)), jnp.bfloat16)
+    tokens = jnp.asarray([[0, vocab - 1, 17], [vocab // 2, 3, vocab // 2 - 1]], jnp.int32)
+    mesh = make_mesh(f"tp={tp}", devices=jax.devices()[:tp])
+    split = vocab % tp == 0
+    placed = jax.device_put(table, NamedSharding(mesh, P("tp" if split else None)))
+    with mesh_context(mesh):
+        fn = jax.jit(ops.embedding)
+        got = fn(placed, tokens)
+        hlo = fn.lower(placed, tokens).compile().as_text()
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(table, np.float32)[np.asarray(tokens)])
+    assert got.dtype == jnp.bfloat16
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    reduces = [line for line in hlo.splitlines() if " all-reduce(" in line
+               or " all-reduce-start(" in line]
+    if split:
+        assert len(reduces) == 1 and f"f32[2,3,{d}]" in reduces[0], reduces
+    else:
+        assert not reduces, reduces

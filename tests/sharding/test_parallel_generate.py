@@ -210,8 +210,8 @@ def _elements(type_text: str) -> int:
 @pytest.mark.parametrize("mesh_text", ["tp=2", "tp=8", "pp=2,tp=2"])
 def test_decode_hlo_collectives(models, mesh_text):
     """Megatron TP: per layer exactly one all-reduce after attention (o) and one after the MLP
-    (down), both on dot outputs; nothing else reduced but the vocab-sharded embedding lookup
-    and greedy sampling's [B] max and index; nothing at all all-gathered;
+    (down), both on dot outputs; nothing else reduced but the vocab-parallel embedding lookup's
+    [B, 1, D] rows and greedy sampling's [B] max and index; nothing at all all-gathered;
     under pp, two ppermutes per stage hand-off (activations + int metadata)."""
     path, _ = models["llama"]
     gen = make_generator(path, mesh_text, unroll_layers=64)  # fully unrolled: countable
@@ -229,12 +229,16 @@ def test_decode_hlo_collectives(models, mesh_text):
     dot_reduces = [o for o in ops if o[0] == "all-reduce" and o[2].endswith("dot_general")]
     assert len(dot_reduces) == 2 * layers_here, ops
     others = [o for o in ops if o[0] == "all-reduce" and not o[2].endswith("dot_general")]
-    embedding = [o for o in others if o[2].endswith("gather")]  # vocab-sharded lookup
+    # the vocab-parallel lookup: one [B, 1, D] sum of the shards' rows, never the table
+    embedding = [o for o in others if "vocab_parallel_embedding" in o[2]]
     # pp: one psum after the loop hands stage 0's decode state (small int arrays) to all.
-    broadcast = [o for o in others if o[2].endswith("shard_map/psum")]
+    broadcast = [o for o in others if o[2].endswith("shard_map/psum") and o not in embedding]
     # greedy sampling over vocab-split logits: a max and a min-index all-reduce of [B] only
     greedy = [o for o in others if o[2].endswith(("reduce_max", "reduce_min"))]
     assert len(embedding) == 1 and len(broadcast) == (1 if m.pp > 1 else 0), others
+    hidden = gen.runner.model_cfg.hidden_size
+    rows = _elements(embedding[0][1]) // hidden  # the batch, or a pp micro-batch of it
+    assert rows * hidden == _elements(embedding[0][1]) and b % rows == 0, embedding
     assert len(greedy) == 2 and all(_elements(t) <= b for _, t, _ in greedy), greedy
     assert len(others) == len(embedding) + len(broadcast) + len(greedy), others
     assert all(t.startswith(("(s32", "s32")) for _, t, _ in broadcast), broadcast
