@@ -109,6 +109,9 @@ def _trace(runner, cache, pages, prompts):
 
 
 def main() -> None:
+    if os.environ.get("TP_REDUCE_DTYPE"):  # e.g. bfloat16: the tp all-reduces' dtype
+        from jaxinfer import ops
+        ops.TP_REDUCE_DTYPE = jax.numpy.dtype(os.environ["TP_REDUCE_DTYPE"])
     model = os.environ.get("MODEL", "llama-3.1-8b-shape")
     tokens = GEN - 1
     for mesh_text in os.environ.get("MESHES", "tp=1;tp=2").split(";"):
@@ -140,6 +143,7 @@ def main() -> None:
                     "top_ms_per_tok": {k: [round(v[0] / tokens, 4), v[1]] for k, v in top},
                     "gaps": _gaps(plane, tokens),
                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "tp_reduce_dtype": os.environ.get("TP_REDUCE_DTYPE", "float32"),
                 }), flush=True)
             print(json.dumps({"mesh": mesh_text, "batch": b, "collectives": _collectives(runner)}),
                   flush=True)

@@ -48,6 +48,10 @@ QMATMUL_KERNEL_MAX_M = {"int8": 32, "fp8": 32}
 # of the streaming kernel). Beyond it (prefill chunks) the layer's slice is copied out and XLA's
 # dot runs; the copy is then small beside the matmul.
 DENSE_KERNEL_MAX_M = 64
+# dtype of the tp all-reduces this module issues (row-parallel partial sums, the embedding's
+# rows). float32: exact partials, and a bfloat16 psum inside a shard_map aborts XLA's CPU
+# compiler. Probes may override it to measure the bfloat16 all-reduce on GPU.
+TP_REDUCE_DTYPE = jnp.float32
 
 
 def check_kernels(kernels: Kernels) -> None:
@@ -142,8 +146,8 @@ def embedding(table: jax.Array, tokens: jax.Array) -> jax.Array:
     whole 1 GB table of the 8B shape every token (1.9 ms, `benchmarks/decode_trace_probe.py`).
     Here each tp shard instead looks up the tokens in its own vocabulary range, zeroes the rest
     and one all-reduce of [..., D] sums the shards (Megatron's vocab-parallel embedding). The
-    sum has one non-zero term per element, so it is exact; it is taken in float32 like the
-    row-parallel matmuls' (`_stacked_linear`)."""
+    sum has one non-zero term per element, so it is exact; it is taken in `TP_REDUCE_DTYPE`
+    like the row-parallel matmuls' (`_stacked_linear`)."""
     tp = spmd.auto_tp()
     if tp is None or tp == 1 or table.shape[0] % tp:
         return jnp.take(table, tokens, axis=0)
@@ -154,7 +158,7 @@ def embedding(table: jax.Array, tokens: jax.Array) -> jax.Array:
         mine = (local >= 0) & (local < rows)
         out = jnp.take(table, jnp.where(mine, local, 0), axis=0)
         out = jnp.where(mine[..., None], out, jnp.zeros((), out.dtype))
-        return jax.lax.psum(out.astype(jnp.float32), "tp").astype(table.dtype)
+        return jax.lax.psum(out.astype(TP_REDUCE_DTYPE), "tp").astype(table.dtype)
 
     free = (None,) * tokens.ndim
     with jax.named_scope("vocab_parallel_embedding"):  # named in the HLO (tests find it)
@@ -241,14 +245,14 @@ def _stacked_linear(x, w, layer, *, axes, contract: int, kernels: Kernels, out_d
     if tp == 1:
         return run(x, w, layer)
     # Megatron under tp: a column-parallel weight (output axes on tp) needs nothing more; a
-    # row-parallel one (contracted axes on tp) leaves partial sums, reduced here in float32
-    # (exact partials; XLA's CPU backend also aborts on a bfloat16 psum in a shard_map).
+    # row-parallel one (contracted axes on tp) leaves partial sums, reduced here in
+    # `TP_REDUCE_DTYPE`.
     row_parallel = any(DEFAULT_RULES.get(name) == "tp" for name in axes[:contract] if name)
 
     def shard(x, w, layer):
         if not row_parallel:
             return run(x, w, layer)
-        partial = run(x, w, layer, jnp.float32)
+        partial = run(x, w, layer, TP_REDUCE_DTYPE)
         return jax.lax.psum(partial, "tp").astype(out_dtype or x.dtype)
 
     free = (None,) * len(lead)
