@@ -143,7 +143,7 @@ def main() -> None:
                     "top_ms_per_tok": {k: [round(v[0] / tokens, 4), v[1]] for k, v in top},
                     "gaps": _gaps(plane, tokens),
                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "tp_reduce_dtype": os.environ.get("TP_REDUCE_DTYPE", "float32"),
+                    "tp_reduce_dtype": os.environ.get("TP_REDUCE_DTYPE", "auto"),
                 }), flush=True)
             print(json.dumps({"mesh": mesh_text, "batch": b, "collectives": _collectives(runner)}),
                   flush=True)

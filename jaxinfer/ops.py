@@ -49,9 +49,18 @@ QMATMUL_KERNEL_MAX_M = {"int8": 32, "fp8": 32}
 # dot runs; the copy is then small beside the matmul.
 DENSE_KERNEL_MAX_M = 64
 # dtype of the tp all-reduces this module issues (row-parallel partial sums, the embedding's
-# rows). float32: exact partials, and a bfloat16 psum inside a shard_map aborts XLA's CPU
-# compiler. Probes may override it to measure the bfloat16 all-reduce on GPU.
-TP_REDUCE_DTYPE = jnp.float32
+# rows); None: the activations' dtype on GPU, as Megatron and vLLM reduce (2x H200, 8B shape,
+# tp=2, batch 32: 5.33 ms per decode step in bfloat16 against 5.66 in float32; batch 1 the
+# same), and float32 elsewhere (a bfloat16 psum inside a shard_map aborts XLA's CPU compiler).
+# A probe may set it to compare.
+TP_REDUCE_DTYPE = None
+
+
+def tp_reduce_dtype(dtype) -> jnp.dtype:
+    """The dtype in which partial results of `dtype` are summed over tp (`TP_REDUCE_DTYPE`)."""
+    if TP_REDUCE_DTYPE is not None:
+        return jnp.dtype(TP_REDUCE_DTYPE)
+    return jnp.dtype(jnp.float32 if use_interpret() else dtype)
 
 
 def check_kernels(kernels: Kernels) -> None:
@@ -146,7 +155,7 @@ def embedding(table: jax.Array, tokens: jax.Array) -> jax.Array:
     whole 1 GB table of the 8B shape every token (1.9 ms, `benchmarks/decode_trace_probe.py`).
     Here each tp shard instead looks up the tokens in its own vocabulary range, zeroes the rest
     and one all-reduce of [..., D] sums the shards (Megatron's vocab-parallel embedding). The
-    sum has one non-zero term per element, so it is exact; it is taken in `TP_REDUCE_DTYPE`
+    sum has one non-zero term per element, so it is exact; it is taken in `tp_reduce_dtype`
     like the row-parallel matmuls' (`_stacked_linear`)."""
     tp = spmd.auto_tp()
     if tp is None or tp == 1 or table.shape[0] % tp:
@@ -158,7 +167,7 @@ def embedding(table: jax.Array, tokens: jax.Array) -> jax.Array:
         mine = (local >= 0) & (local < rows)
         out = jnp.take(table, jnp.where(mine, local, 0), axis=0)
         out = jnp.where(mine[..., None], out, jnp.zeros((), out.dtype))
-        return jax.lax.psum(out.astype(TP_REDUCE_DTYPE), "tp").astype(table.dtype)
+        return jax.lax.psum(out.astype(tp_reduce_dtype(table.dtype)), "tp").astype(table.dtype)
 
     free = (None,) * tokens.ndim
     with jax.named_scope("vocab_parallel_embedding"):  # named in the HLO (tests find it)
@@ -246,13 +255,13 @@ def _stacked_linear(x, w, layer, *, axes, contract: int, kernels: Kernels, out_d
         return run(x, w, layer)
     # Megatron under tp: a column-parallel weight (output axes on tp) needs nothing more; a
     # row-parallel one (contracted axes on tp) leaves partial sums, reduced here in
-    # `TP_REDUCE_DTYPE`.
+    # `tp_reduce_dtype` (float32 on CPU, the activations' dtype on GPU).
     row_parallel = any(DEFAULT_RULES.get(name) == "tp" for name in axes[:contract] if name)
 
     def shard(x, w, layer):
         if not row_parallel:
             return run(x, w, layer)
-        partial = run(x, w, layer, TP_REDUCE_DTYPE)
+        partial = run(x, w, layer, tp_reduce_dtype(out_dtype or x.dtype))
         return jax.lax.psum(partial, "tp").astype(out_dtype or x.dtype)
 
     free = (None,) * len(lead)

@@ -146,9 +146,10 @@ def test_stacked_linear_reads_the_layer_per_tp_shard(tp, monkeypatch):
 
 
 def test_row_parallel_bfloat16_reduces_in_float32():
-    """bfloat16 weights (what the GPU runs): the row-parallel partial sums are reduced in
-    float32, so the result is the float32 product rounded once (a bfloat16 psum inside the
-    shard_map also aborted XLA's CPU compiler: "Invalid binary instruction opcode copy")."""
+    """bfloat16 weights on CPU: the row-parallel partial sums are reduced in float32, so the
+    result is the float32 product rounded once (a bfloat16 psum inside the shard_map aborts
+    XLA's CPU compiler: "Invalid binary instruction opcode copy"; on GPU they are reduced in
+    bfloat16, `test_tp_reduce_dtype`)."""
     rng = np.random.default_rng(7)
     d = 64
     attn = jnp.asarray(rng.normal(size=(2, 1, N, H)), jnp.bfloat16)
@@ -192,3 +193,14 @@ def test_vocab_parallel_embedding(tp, vocab):
         assert len(reduces) == 1 and f"f32[2,3,{d}]" in reduces[0], reduces
     else:
         assert not reduces, reduces
+
+
+def test_tp_reduce_dtype(monkeypatch):
+    """tp all-reduces: float32 where kernels are interpreted (CPU), the activations' dtype on
+    GPU (measured faster there), and `TP_REDUCE_DTYPE` wins when set."""
+    assert ops.tp_reduce_dtype(jnp.bfloat16) == jnp.float32
+    monkeypatch.setattr(ops, "use_interpret", lambda: False)
+    assert ops.tp_reduce_dtype(jnp.bfloat16) == jnp.bfloat16
+    assert ops.tp_reduce_dtype(jnp.float32) == jnp.float32
+    monkeypatch.setattr(ops, "TP_REDUCE_DTYPE", "float32")
+    assert ops.tp_reduce_dtype(jnp.bfloat16) == jnp.float32
