@@ -6,11 +6,13 @@ weight (the no-copy bar) and reports GB/s of weight read. CUPTI kernel time, med
 over 2 weight stacks of 4 layers (so L2 does not hold the layer). One JSON line per timing.
 
     python benchmarks/dense_tuning_probe.py
+    SHAPES=q/2,kv VARIANTS=default,n64_k128_s4_split8 python benchmarks/dense_tuning_probe.py
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,8 @@ VARIANTS = {
     "n128_k256_s3": qm.MatmulBlocks(16, 128, 256, num_stages=3),
     "n32_k256_s4": qm.MatmulBlocks(16, 32, 256, num_stages=4),
     "n64_k128_s4_split2": qm.MatmulBlocks(16, 64, 128, split_k=2, num_stages=4),
+    "n64_k128_s4_split4": qm.MatmulBlocks(16, 64, 128, split_k=4, num_stages=4),
+    "n64_k128_s4_split8": qm.MatmulBlocks(16, 64, 128, split_k=8, num_stages=4),
     "n128_k128_s4_split2": qm.MatmulBlocks(16, 128, 128, split_k=2, num_stages=4),
     "n64_k512_s2": qm.MatmulBlocks(16, 64, 512, num_stages=2),
     "n128_k64_s6_w8": qm.MatmulBlocks(16, 128, 64, num_stages=6, num_warps=8),
@@ -38,7 +42,10 @@ VARIANTS = {
 
 def main() -> None:
     layers = 4
-    for label, (k, n) in SHAPES.items():
+    pick = lambda table, env: {k: v for k, v in table.items()  # noqa: E731
+                               if k in os.environ.get(env, ",".join(table)).split(",")}
+    variants = pick(VARIANTS, "VARIANTS")
+    for label, (k, n) in pick(SHAPES, "SHAPES").items():
         for m in (1, 32):
             key = jax.random.key(k * n + m)
             x = jax.random.normal(key, (m, k), jnp.bfloat16)
@@ -47,7 +54,7 @@ def main() -> None:
             nbytes = k * n * 2
             sets = [(x, s, jnp.int32(i % layers)) for i, s in enumerate(stacks)]
             rows = []
-            for name, blocks in VARIANTS.items():
+            for name, blocks in variants.items():
                 cfg = qm.QMatmulTuning(small=blocks, large=qm.DENSE_DEFAULT.large)
                 try:
                     t = time_kernel(lambda x, w, i, cfg=cfg: qm.dense_matmul(

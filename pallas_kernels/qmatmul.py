@@ -77,10 +77,11 @@ class QMatmulTuning:
     small: MatmulBlocks
     large: MatmulBlocks
     small_m_max: int = 64
-    # Decode only: narrow the column tiles (to 64) and then split K in two until there are at
-    # least this many programs, so a weight with few columns still streams on every SM
-    # (0: the blocks as given).
+    # Decode only: narrow the column tiles (to 64) and then split K in two, four, ... (up to
+    # max_split) until there are at least this many programs, so a weight with few columns
+    # still streams on every SM (0: the blocks as given).
     min_programs: int = 0
+    max_split: int = 2
 
     def blocks(self, m: int) -> MatmulBlocks:
         return self.small if m <= self.small_m_max else self.large
@@ -104,6 +105,7 @@ DENSE_DEFAULT = QMatmulTuning(
                        num_stages=4),
     large=MatmulBlocks(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
     min_programs=100,
+    max_split=8,
 )
 FP8_DEFAULT = QMatmulTuning(
     small=MatmulBlocks(block_m=16, block_n=128, block_k=256, split_k=1, num_warps=4,
@@ -301,7 +303,8 @@ def _fit_smem(bm: int, bn: int, bk: int, stages: int, x_bytes: int, w_bytes: int
 
 
 def _plan(m: int, n: int, k: int, blocks: MatmulBlocks, small_m_max: int,
-          group: int | None, x_bytes: int, w_bytes: int, min_programs: int = 0) -> _Plan:
+          group: int | None, x_bytes: int, w_bytes: int, min_programs: int = 0,
+          max_split: int = 2) -> _Plan:
     if m <= small_m_max:
         bm = _pow2_at_least_16(m)  # one row tile: the weight is read once
     else:
@@ -314,8 +317,9 @@ def _plan(m: int, n: int, k: int, blocks: MatmulBlocks, small_m_max: int,
     if m <= small_m_max and min_programs:
         while pl.cdiv(n, bn) * split < min_programs and bn > 64:
             bn //= 2
-        if pl.cdiv(n, bn) * split < min_programs and split == 1:
-            split = 2
+        while (pl.cdiv(n, bn) * split < min_programs and split < max_split and not tail
+               and full % (2 * split) == 0):
+            split *= 2
     if split > 1 and (tail or full % split):
         split = 1  # uneven splits are not worth masking: fall back to one program along K
     return _Plan(m=m, n=n, k=k, bm=bm, bn=bn, bk=bk, split=split, steps=full // split,
@@ -443,7 +447,7 @@ def _matmul_kernel(layer_ref, x_ref, *refs, p: _Plan, group: int | None, transpo
 
 def _launch(x, x_scale, w, scale, layer, *, group, transposed, out_dtype,
             blocks: MatmulBlocks, small_m_max: int, interpret: bool, name: str,
-            min_programs: int = 0) -> jax.Array:
+            min_programs: int = 0, max_split: int = 2) -> jax.Array:
     if w.ndim == 2:  # one layer: a stack of one (free reshapes)
         if layer is not None:
             raise ValueError(f"layer given for an unstacked weight {w.shape}")
@@ -454,7 +458,7 @@ def _launch(x, x_scale, w, scale, layer, *, group, transposed, out_dtype,
     m, k = x.shape
     n = w.shape[1] if transposed else w.shape[2]
     p = _plan(m, n, k, blocks, small_m_max, group, x.dtype.itemsize, w.dtype.itemsize,
-              min_programs)
+              min_programs, max_split)
 
     def tm(pid):
         return _tile_ids(pid, p)[0]
@@ -549,7 +553,7 @@ def dense_matmul(
     return _launch(x, None, w, None, layer, group=None, transposed=transposed,
                    out_dtype=jnp.dtype(out_dtype or x.dtype), blocks=cfg.blocks(m),
                    small_m_max=cfg.small_m_max, interpret=interpret, name="dense_matmul",
-                   min_programs=cfg.min_programs)
+                   min_programs=cfg.min_programs, max_split=cfg.max_split)
 
 
 def dense_matmul_reference(x: jax.Array, w: jax.Array, *, layer=None, transposed: bool = False,

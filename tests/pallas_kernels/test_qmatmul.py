@@ -206,6 +206,22 @@ class QMatmulCases:
             qm.dense_matmul(x, w.astype(jnp.float16), layer=0, transposed=transposed,
                             interpret=True)
 
+    def test_dense_eight_way_k_split(self):
+        """The default decode plan on a narrow weight (2 column tiles, 8 K blocks) splits K 8
+        ways; the 8 float32 partials sum to the reference product."""
+        _skip_unless_supported(self.INTERPRET, "int8")
+        k, n = 8 * qm.DENSE_DEFAULT.small.block_k, 100
+        cfg = qm.DENSE_DEFAULT
+        assert qm._plan(1, n, k, cfg.small, cfg.small_m_max, None, 2, 2, cfg.min_programs,
+                        cfg.max_split).split == 8
+        kx, kw = jax.random.split(jax.random.key(8))
+        x = jax.random.normal(kx, (1, k), jnp.float32).astype(jnp.bfloat16)
+        w = (jax.random.normal(kw, (2, k, n)) * 0.02).astype(jnp.bfloat16)
+        got = qm.dense_matmul(x, w, layer=jnp.int32(1), interpret=self.INTERPRET)
+        want = qm.dense_matmul_reference(x, w, layer=1)
+        _assert_close(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)),
+                      "bfloat16")
+
     def test_rejects_bad_arguments(self):
         x = jnp.zeros((4, 128), jnp.bfloat16)
         w = jnp.zeros((128, 64), jnp.int8)
@@ -271,13 +287,18 @@ def test_dense_lowers_for_cuda():
 
 
 def test_dense_decode_plan_fills_the_gpu():
-    """Few columns: 64-wide tiles, then a 2-way K split, until ~100 programs stream the weight;
-    many columns keep the 128-wide tiles (the measured best at N = 14336)."""
-    blocks, want = qm.DENSE_DEFAULT.small, qm.DENSE_DEFAULT.min_programs
-    plan = lambda m, k, n: qm._plan(m, n, k, blocks, 64, None, 2, 2, want)  # noqa: E731
+    """Few columns: 64-wide tiles, then K split 2, 4 or 8 ways, until ~100 programs stream the
+    weight; many columns keep the 128-wide tiles (the measured best at N = 14336)."""
+    cfg = qm.DENSE_DEFAULT
+    plan = lambda m, k, n: qm._plan(m, n, k, cfg.small, 64, None, 2, 2,  # noqa: E731
+                                    cfg.min_programs, cfg.max_split)
     assert (plan(1, 4096, 14336).bn, plan(1, 4096, 14336).split) == (128, 1)
     assert (plan(1, 4096, 7168).bn, plan(1, 4096, 7168).split) == (64, 1)
     assert (plan(32, 4096, 4096).bn, plan(32, 4096, 4096).split) == (64, 2)
+    assert (plan(1, 4096, 2048).bn, plan(1, 4096, 2048).split) == (64, 4)  # tp=2 q shard
+    assert (plan(1, 4096, 1024).bn, plan(1, 4096, 1024).split) == (64, 8)  # k, v
+    assert (plan(1, 4096, 512).bn, plan(1, 4096, 512).split) == (64, 8)  # capped at max_split
+    assert plan(1, 4096 + 128, 512).split == 1  # 33 K steps: no even split, one program
     assert (plan(128, 4096, 4096).bn, plan(128, 4096, 4096).split) == (128, 1)  # tiled regime
 
 
