@@ -6,7 +6,8 @@ any, each maps to:
 - Tensor parallel, Megatron-style: q/k/v and gate/up are column-parallel (`heads`, `kv_heads`,
   `ffn` on `tp`), o and down are row-parallel (their input axis is `heads`/`ffn`, so each
   device holds a slice of rows and XLA ends each block with one all-reduce of the partial sums).
-  The embedding and the LM head are split over `vocab` on `tp`.
+  The embedding and the LM head are split over `vocab` on `tp` (the lookup runs per tp shard,
+  `jaxinfer.ops.embedding`, rather than as a gather GSPMD partitions).
 - KV heads: split over `tp` when `num_kv_heads % tp == 0`; when there are fewer KV heads than
   `tp` (tp % K == 0) they are replicated on every tp device. This, and a vocabulary that `tp`
   does not divide, are the only cases where a mapped axis is dropped (`REPLICATED_IF_UNEVEN`);
