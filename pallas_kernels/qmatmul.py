@@ -98,8 +98,9 @@ INT8_DEFAULT = QMatmulTuning(
 )
 # bf16 weights, decode (benchmarks/dense_tuning_probe.py, H200, the 8B layer's projections
 # whole and per tp=2 shard, M = 1 and 32): 128 x 128 tiles are best where they make >= ~112
-# programs (N = 14336: 4.1 TB/s); with fewer columns 64-wide tiles and a 2-way K split win
-# (N = 4096: 2.0 -> 4.6 TB/s at M = 1, above XLA's dot on an unstacked weight, 4.4).
+# programs (N = 14336: 4.1 TB/s); with fewer columns 64-wide tiles and a K split win (N = 4096,
+# split 2: 2.0 -> 4.6 TB/s at M = 1, above XLA's dot on an unstacked weight, 4.4; N = 2048,
+# split 4: 3.3 TB/s against 2.5 at split 2; N = 1024, split 8: 2.1 against 1.3).
 DENSE_DEFAULT = QMatmulTuning(
     small=MatmulBlocks(block_m=16, block_n=128, block_k=128, split_k=1, num_warps=4,
                        num_stages=4),
