@@ -6,15 +6,20 @@ CPU with the references and on GPU with the kernels, chosen by `EngineConfig.ker
 is how CI checks them.
 
 Weight matmuls (`linear`): a plain array runs as an XLA dot, exactly the einsum it replaces; a
-`QuantArray` runs the quantized kernel (`pallas_kernels.qmatmul`) or its reference. With
-kernels="pallas" the Pallas kernel takes the weight-streaming regime, M (tokens in the matmul)
-up to `QMATMUL_KERNEL_MAX_M`; larger M goes to the XLA form, which measured faster there on
-an H100 (fp8, M = 4096, K = N = 8192: XLA's fp8 dot runs cuBLASLt at 1290 TFLOP/s, our Triton
-tile at 500; int8, K = 4096, N = 14336: XLA convert+dot 45 us at M = 128 and 72 us at M = 256,
-our kernel 56 and 80 us). The Pallas kernel is used only where no mesh
-axis is partitioned automatically (one device, or only the runner's manual dp/pp axes): a
-pallas_call is not partitioned by GSPMD, so under tensor parallelism the XLA form (which XLA
-partitions) is the right choice until the kernels are wrapped in shard_map over tp.
+float weight stack at decode with kernels="pallas" runs `dense_matmul`, reading layer `layer`
+in place (`reads_layers_in_place`), per tp shard under tensor parallelism; a `QuantArray` runs
+the quantized kernel (`pallas_kernels.qmatmul`) or its reference. With kernels="pallas" the
+quantized kernel takes the weight-streaming regime, M (tokens in the matmul) up to
+`QMATMUL_KERNEL_MAX_M`; larger M goes to the XLA form, which measured faster there on an H100
+(fp8, M = 4096, K = N = 8192: XLA's fp8 dot runs cuBLASLt at 1290 TFLOP/s, our Triton tile at
+500; int8, K = 4096, N = 14336: XLA convert+dot 45 us at M = 128 and 72 us at M = 256, our
+kernel 56 and 80 us). The quantized kernel is used only where no mesh axis is partitioned
+automatically (one device, or only the runner's manual dp/pp axes): a pallas_call is not
+partitioned by GSPMD, and the quantized matmuls are not yet wrapped in `spmd.over_tp` as the
+float ones and the attention kernels are, so under tensor parallelism they take the XLA form.
+
+Tensor-parallel reductions issued here (row-parallel partial sums, the vocab-parallel
+`embedding`) are summed in `tp_reduce_dtype`.
 
 Attention routing: a step with at most `DECODE_MAX_T` new tokens per sequence (decode and
 speculative verification) goes to the paged decode kernel (flash-decoding, split over the
@@ -238,8 +243,8 @@ def _stacked_linear(x, w, layer, *, axes, contract: int, kernels: Kernels, out_d
     """x @ w[layer] for a float weight stack w [L, *C, *O] whose layer has logical `axes`."""
     lead = x.shape[:x.ndim - contract]
     tp = spmd.auto_tp()
-    split = [n for n, name in zip(w.shape[1:], axes) if name is not None
-             and DEFAULT_RULES.get(name) == "tp"]
+    on_tp = [name is not None and DEFAULT_RULES.get(name) == "tp" for name in axes]
+    split = [n for n, t in zip(w.shape[1:], on_tp) if t]
     if (not reads_layers_in_place(kernels, math.prod(lead)) or x.dtype != w.dtype
             or (tp and tp > 1 and any(n % tp for n in split))):
         return jnp.tensordot(x, w[layer], axes=contract, preferred_element_type=out_dtype)
@@ -256,7 +261,7 @@ def _stacked_linear(x, w, layer, *, axes, contract: int, kernels: Kernels, out_d
     # Megatron under tp: a column-parallel weight (output axes on tp) needs nothing more; a
     # row-parallel one (contracted axes on tp) leaves partial sums, reduced here in
     # `tp_reduce_dtype` (float32 on CPU, the activations' dtype on GPU).
-    row_parallel = any(DEFAULT_RULES.get(name) == "tp" for name in axes[:contract] if name)
+    row_parallel = any(on_tp[:contract])
 
     def shard(x, w, layer):
         if not row_parallel:
