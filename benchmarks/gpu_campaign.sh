@@ -4,7 +4,12 @@
 #   bash benchmarks/gpu_campaign.sh kernels   # gpu_tests + kernel_bench
 #   bash benchmarks/gpu_campaign.sh gpu_tests      # pytest -m gpu (serving tests need grpc health)
 #   bash benchmarks/gpu_campaign.sh kernel_bench   # qmatmul bench, generate with pallas/quant
-#   bash benchmarks/gpu_campaign.sh serving   # cold/warm start, load sweep, host time, offline b64
+#   bash benchmarks/gpu_campaign.sh engine    # issue 13: offline, host probe, serving, sweep
+#   bash benchmarks/gpu_campaign.sh offline   # jaxinfer.bench batch 1/32/64 (the served programs)
+#   bash benchmarks/gpu_campaign.sh host      # host time per engine step at 64 sequences
+#   bash benchmarks/gpu_campaign.sh serving   # cold/warm start, saturation, 50%/90% load
+#   bash benchmarks/gpu_campaign.sh decode_steps_sweep   # served throughput/latency vs DS_SWEEP
+#   bash benchmarks/gpu_campaign.sh train_models   # the demo, draft and target models
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
 #   bash benchmarks/gpu_campaign.sh serving_dp   # served throughput, dp=1 vs dp=2 (2 GPUs)
 #   bash benchmarks/gpu_campaign.sh serving_multihost   # tp=2: one process vs two (2 GPUs)
@@ -44,10 +49,37 @@ kernel_bench() {
   done
 }
 
-serving() {
+engine() { offline; host; serving; decode_steps_sweep; }
+
+offline() {  # the bench drives the engine the server runs; batch 64 with prefill is the anchor
+  step "offline bench $MODEL"
+  timeout 200 $PY -m jaxinfer.bench --model "$MODEL" --batch ${OFFLINE_BATCH:-1,32,64} \
+    --prompt-len 128 --gen-len 256 --decode-steps ${DS:-8} --repeat 2 \
+    >>"$OUT/engine.jsonl" 2>>"$OUT/bench.err"
+}
+
+host() {
+  step "host time per engine step"
+  timeout 150 $PY benchmarks/engine_host_probe.py --model "$MODEL" --steps 1,${DS:-8} \
+    >>"$OUT/engine.jsonl" 2>>"$OUT/bench.err"
+}
+
+_load() {  # target label: saturation (256 at once), then 50% and 90% of its request rate
+  local target=$1 label=$2
+  timeout 120 $PY -m jaxinfer.bench serving --target "$target" --rates inf \
+    --num-requests ${NREQ:-256} --prompt-len ${PL:-128} --gen-len ${GL:-256} --warmup 64 \
+    | sed "s/^{/{\"label\": \"$label\", /" >>"$OUT/engine.jsonl" 2>>"$OUT/loadgen.err"
+  local rps; rps=$($PY -c "import json; r=[json.loads(l) for l in open('$OUT/engine.jsonl')]; print([x['value'] for x in r if x.get('metric') == 'req_s' and x.get('label') == '$label'][-1])")
+  local rates; rates=$($PY -c "print(f'{0.5*$rps:.2f},{0.9*$rps:.2f}')")
+  timeout 150 $PY -m jaxinfer.bench serving --target "$target" --rates "$rates" \
+    --num-requests ${NREQ_LOAD:-300} --prompt-len ${PL:-128} --gen-len ${GL:-256} \
+    | sed "s/^{/{\"label\": \"$label\", /" >>"$OUT/engine.jsonl" 2>>"$OUT/loadgen.err"
+}
+
+serving() {  # time to SERVING cold and warm, saturation and 50%/90% load, host time (metrics)
   local cc=/tmp/jaxinfer_cc port=50061 mport=9161
-  local flags=(--model "$MODEL" --kernels "${KERNELS:-pallas}" --port $port --metrics-port $mport
-               --num-pages ${PAGES:-4096} --decode-steps 8 --compile-cache $cc --log-level WARNING)
+  local flags=(--model "$MODEL" --port $port --metrics-port $mport --decode-steps ${DS:-8}
+               --compile-cache $cc --log-level INFO)
   rm -rf $cc
   for start in cold warm; do
     step "server $start start"
@@ -55,25 +87,29 @@ serving() {
     $PY -m serve "${flags[@]}" >>"$OUT/server.log" 2>&1 &
     local pid=$!
     $PY benchmarks/wait_serving.py 127.0.0.1:$port --timeout 300 --label "$start" \
-      --since "$t0" >>"$OUT/serving.jsonl" || { kill -9 $pid; return 1; }
+      --since "$t0" >>"$OUT/engine.jsonl" || { kill -9 $pid; return 1; }
     if [ $start = cold ]; then
       step "saturation + load sweep"
-      timeout 150 $PY -m jaxinfer.bench serving --target 127.0.0.1:$port --rates inf \
-        --num-requests ${NREQ:-256} --prompt-len ${PL:-128} --gen-len ${GL:-256} --warmup 64 \
-        >>"$OUT/serving.jsonl" 2>>"$OUT/loadgen.err"
+      _load 127.0.0.1:$port "ds${DS:-8}"
       scrape $mport >"$OUT/metrics_after.txt"
-      local rps; rps=$($PY -c "import json,sys; r=[json.loads(l) for l in open('$OUT/serving.jsonl')]; print([x['value'] for x in r if x.get('metric') == 'req_s'][-1])")
-      local r50 r90; r50=$($PY -c "print(round(0.5*$rps,2))"); r90=$($PY -c "print(round(0.9*$rps,2))")
-      timeout 200 $PY -m jaxinfer.bench serving --target 127.0.0.1:$port --rates "$r50,$r90" \
-        --num-requests ${NREQ:-300} --prompt-len ${PL:-128} --gen-len ${GL:-256} --plot "$OUT/serving_latency.png" \
-        >>"$OUT/serving.jsonl" 2>>"$OUT/loadgen.err"
     fi
     kill -TERM $pid; wait $pid; echo "server exit $? ($start)" >>"$OUT/campaign.log"
   done
-  step "offline batch 64"
-  timeout 150 $PY -m jaxinfer.bench --model "$MODEL" --kernels "${KERNELS:-pallas}" --batch 64 \
-    --prompt-len 128 --gen-len 256 --decode-steps 8 --repeat 2 >>"$OUT/serving.jsonl" \
-    2>>"$OUT/bench.err"
+}
+
+decode_steps_sweep() {  # the ITL/throughput trade-off of multi-step decoding
+  local port=50064
+  for ds in ${DS_SWEEP:-1 4}; do
+    step "server --decode-steps $ds"
+    local t0; t0=$(date +%s.%N)
+    $PY -m serve --model "$MODEL" --port $port --decode-steps $ds --compile-cache /tmp/jaxinfer_cc \
+      --log-level WARNING >>"$OUT/server_ds.log" 2>&1 &
+    local pid=$!
+    $PY benchmarks/wait_serving.py 127.0.0.1:$port --timeout 300 --label "ds$ds" \
+      --since "$t0" >>"$OUT/engine.jsonl" || { kill -9 $pid; return 1; }
+    _load 127.0.0.1:$port "ds$ds"
+    kill -TERM $pid; wait $pid; echo "server exit $? (ds $ds)" >>"$OUT/campaign.log"
+  done
 }
 
 serving_dp() {  # a 2-GPU machine: saturation throughput with one engine vs two replicas
@@ -156,6 +192,54 @@ mesh_70b() {  # the 70B shape (141 GB of bf16 weights) on the GPUs there are: ba
   timeout ${T70B:-300} $PY -m jaxinfer.bench --model llama-3-70b-shape --meshes "${MESHES_70B:-tp=2}" \
     --batch 1,32 --prompt-len 128 --gen-len 256 --decode-steps 16 --repeat 1 \
     ${KERNELS:+--kernels $KERNELS} >"$OUT/mesh_70b.jsonl" 2>"$OUT/mesh_70b.err"
+}
+
+# train_models: train the tokenizer once, then the demo, draft and target models on the Python
+# standard library (benchmarks/train_models.py), measure draft/target greedy agreement, keep
+# the small demo model. About 7-8 minutes; T_DEMO, T_DRAFT, T_TARGET are the seconds each
+# model trains (its schedule is fitted to them), TRAIN_ARGS / AGREE_ARGS add flags. Writes
+# train_models.jsonl, train_models.err, train_demo.tar.gz, train_samples.txt.
+_train_timing() {  # what, exit status, start (epoch s) -> one JSON line
+  echo "{\"event\": \"timing\", \"model\": \"$1\", \"rc\": $2, \"wall_s\": $(($(date +%s) - $3))}"
+}
+
+train_models() {
+  local work=${TRAIN_WORK:-/tmp/train_models} log="$OUT/train_models.jsonl"
+  local err="$OUT/train_models.err" name budget t0 t_all
+  rm -rf "$work"
+  mkdir -p "$work"
+  t_all=$(date +%s)
+  # The demo run trains the tokenizer into $work/tok; draft and target reuse it.
+  for spec in "demo ${T_DEMO:-90}" "draft ${T_DRAFT:-60}" "target ${T_TARGET:-120}"; do
+    read -r name budget <<<"$spec"
+    step "train $name (budget ${budget}s)"
+    t0=$(date +%s)
+    timeout $((budget + 75)) $PY benchmarks/train_models.py --preset "$name" \
+      --out "$work/$name" --tokenizer "$work/tok" --time-budget "$budget" ${TRAIN_ARGS:-} \
+      >>"$log" 2>>"$err"
+    _train_timing "$name" $? "$t0" >>"$log"
+    if [ "$name" = demo ] && [ -f "$work/demo/model.safetensors" ]; then
+      tar -czf "$OUT/train_demo.tar.gz" -C "$work" demo
+    fi
+  done
+  step "draft/target agreement"
+  t0=$(date +%s)
+  timeout 90 $PY benchmarks/train_models.py --measure-agreement "$work/draft" "$work/target" \
+    ${AGREE_ARGS:-} >>"$log" 2>>"$err"
+  _train_timing agreement $? "$t0" >>"$log"
+  _train_timing all 0 "$t_all" >>"$log"
+  $PY - "$log" >"$OUT/train_samples.txt" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("event") == "final":
+        print(f"==== {r['model']}: val_loss {r['val_loss']} nats/token, step {r['best_step']}"
+              f" of {r['steps']}, {r['params']} params")
+        for s in r["samples"]:
+            print(f"---- prompt {s['prompt']!r}\n{s['prompt']}{s['completion']}\n")
+    elif r.get("event") in ("agreement", "timing"):
+        print(json.dumps(r))
+EOF
 }
 
 for what in "$@"; do "$what"; done

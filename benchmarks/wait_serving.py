@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from jaxinfer.bench import git_sha
+from jaxinfer.run_info import git_sha
 from serve.loadgen import ServerError, connect
 
 

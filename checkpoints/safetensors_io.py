@@ -11,19 +11,20 @@ express natively.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import struct
 from pathlib import Path
-from typing import Protocol
 
-import ml_dtypes
 import numpy as np
 
+from checkpoints.tensors import NUMPY_DTYPES, TensorInfo, WeightReader, unsupported_dtype
 from jaxinfer.errors import CheckpointError
+
+__all__ = ["NUMPY_DTYPES", "TensorInfo", "WeightReader", "open_weights", "read_header",
+           "unsupported_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,40 +34,9 @@ _ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
     "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit; larger means a corrupt file
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives and what it is (from the file header, nothing read yet)."""
-
-    file: Path
-    dtype: str  # safetensors dtype name: "F32", "BF16", ...
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in `file`
-    nbytes: int
-
-
-class WeightReader(Protocol):
-    """Read-only access to named tensors; `read` returns a host array in the stored dtype."""
-
-    def names(self) -> frozenset[str]: ...
-
-    def info(self, name: str) -> TensorInfo: ...
-
-    def read(self, name: str) -> np.ndarray: ...
-
-
-def unsupported_dtype(name: str, info: TensorInfo) -> CheckpointError:
-    return CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which is not "
-                           f"supported (supported: {', '.join(NUMPY_DTYPES)})")
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:

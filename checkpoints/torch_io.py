@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints.safetensors_io import NUMPY_DTYPES, TensorInfo, unsupported_dtype
+from checkpoints.tensors import NUMPY_DTYPES, TensorInfo, unsupported_dtype
 from jaxinfer.errors import CheckpointError
 
 logger = logging.getLogger(__name__)

@@ -47,34 +47,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import PRESETS, EngineConfig, ModelConfig
+from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.engine.llm import LLM
 from jaxinfer.errors import ConfigError, JaxinferError
-from jaxinfer.kv_cache import init_cache, pages_needed
-from jaxinfer.model_loader import load_model
+from jaxinfer.model_loader import load_model_config
 from jaxinfer.quant import QUANT_MODES
-from jaxinfer.runner import Runner
-from jaxinfer.sampling import SamplingParams, row_keys
+from jaxinfer.run_info import device_name, git_sha
 from sharding import multihost
-from sharding.data_parallel import ReplicaPageAllocator
 from sharding.mesh import MeshSpec, check_model_fits, make_mesh, parse_mesh_list
 
 logger = logging.getLogger(__name__)
-
-
-def git_sha() -> str:
-    """The checkout's commit; JAXINFER_GIT_SHA wins (a copied tree may have no .git)."""
-    if os.environ.get("JAXINFER_GIT_SHA"):
-        return os.environ["JAXINFER_GIT_SHA"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    return f"{d.platform}:{getattr(d, 'device_kind', 'unknown')}"
 
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 30, repeat: int = 20) -> float:
@@ -105,31 +87,40 @@ class RunTimes:
     total: float
 
 
-def run_once(runner: Runner, cache, page_lists, prompts, gen_len: int, steps: int):
-    """One timed generation: prefill everything, then decode gen_len - 1 tokens."""
-    n = len(prompts)
-    sampling = SamplingParams.make(n)
-    keys = row_keys(np.arange(n))
+def run_once(llm: LLM, prompts: list[np.ndarray], gen_len: int) -> RunTimes:
+    """One timed generation of `gen_len` tokens per prompt (EOS ignored) through the engine:
+    ttft when every request has its first token, decode from there to the last token."""
+    requests = [llm.request(p, max_tokens=gen_len, ignore_eos=True) for p in prompts]
+    first: set[str] = set()
+    t_first = [None]
     t0 = time.perf_counter()
-    chunk = runner.engine_cfg.prefill_buckets[-1]
-    width = max(len(p) for p in page_lists)
-    first = None
-    for c in range(0, len(prompts[0]), chunk):
-        cache, first, _ = runner.prefill(cache, tokens=[p[c: c + chunk] for p in prompts],
-                                         start=[c] * n, block_tables=page_lists, sampling=sampling,
-                                         keys=keys, width=width)
-    first.block_until_ready()
-    t1 = time.perf_counter()
-    state = runner.decode_state(tokens=first, seq_lens=np.full(n, len(prompts[0])),
-                                remaining=np.full(n, gen_len - 1), block_tables=page_lists,
-                                sampling=sampling, keys=keys, width=width)
-    toks = None
-    for _ in range(-(-(gen_len - 1) // steps)):
-        cache, state, toks = runner.decode(cache, state, num_steps=steps, use_sampling=False)
-    if toks is not None:
-        toks.block_until_ready()
+
+    def on_step(step: int, outputs: list) -> None:
+        if t_first[0] is None:
+            first.update(o.request_id for o in outputs if o.token_ids)
+            if len(first) == len(requests):
+                t_first[0] = time.perf_counter()
+
+    results = llm.generate(requests, on_step=on_step)
     t2 = time.perf_counter()
-    return cache, RunTimes(ttft=t1 - t0, decode=t2 - t1, total=t2 - t0)
+    if any(len(s[0].token_ids) != gen_len for s in results):
+        raise RuntimeError("a bench request did not generate --gen-len tokens")
+    t1 = t_first[0] or t2
+    return RunTimes(ttft=t1 - t0, decode=t2 - t1, total=t2 - t0)
+
+
+def bench_engine_config(args, batches: list[int], dp: int) -> EngineConfig:
+    """The engine for a bench run: each batch decodes as one bucket per replica and prefills in
+    one step (all its rows, chunks of up to 512 tokens); pages for every sequence."""
+    per_replica = sorted({b // dp for b in batches})
+    seq = args.prompt_len + args.gen_len
+    chunk = min(512, max(16, 1 << (args.prompt_len - 1).bit_length()))
+    return EngineConfig(
+        page_size=args.page_size, num_pages=per_replica[-1] * -(-seq // args.page_size),
+        max_seq_len=seq, dtype=args.dtype, kernels=args.kernels, decode_steps=args.decode_steps,
+        batch_buckets=tuple(per_replica), prefill_buckets=(chunk,),
+        prefill_rows=tuple(per_replica), max_num_batched_tokens=per_replica[-1] * chunk,
+        unroll_layers=args.unroll_layers)
 
 
 def _emit(rows: list[dict], row: dict) -> None:
@@ -166,56 +157,40 @@ def hbm_in_use(devices) -> int | None:
 
 def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
                rows: list[dict]) -> None:
-    """Load the model on `spec`, time every batch size that fits, append rows, free it all."""
+    """Load the model on `spec` (one engine core per dp replica), time every batch size that
+    fits, append rows, free it all."""
     dtype = args.dtype
-    mesh = make_mesh(spec)
-    loaded = load_model(args.model, mesh=mesh, dtype=dtype, seed=0, quant=args.quant)
-    cfg = dataclasses.replace(loaded.cfg, eos_token_ids=())  # ignore EOS: fixed-length runs
-    seq = args.prompt_len + args.gen_len
     runnable = [b for b in batch_sizes if b % spec.dp == 0]
-    base = dict(name="generate", model=args.model, dtype=dtype, quant=loaded.quant,
-                mesh=str(spec), kernels=args.kernels,
-                unroll_layers=EngineConfig(unroll_layers=args.unroll_layers).layer_unroll,
-                decode_steps=args.decode_steps, prompt_len=args.prompt_len,
-                gen_len=args.gen_len, device=device_name(), num_devices=spec.size,
-                jax_version=jax.__version__, git_sha=git_sha())
+    engine = bench_engine_config(args, runnable or [spec.dp], spec.dp)
+    base = dict(name="generate", model=args.model, dtype=dtype, quant=args.quant or "none",
+                mesh=str(spec), kernels=engine.resolved_kernels(jax.default_backend()),
+                unroll_layers=engine.layer_unroll, decode_steps=args.decode_steps,
+                prompt_len=args.prompt_len, gen_len=args.gen_len, device=device_name(),
+                num_devices=spec.size, jax_version=jax.__version__, git_sha=git_sha())
     for b in batch_sizes:
         if b % spec.dp:
             _skip(rows, base, f"batch {b} is not a multiple of dp={spec.dp}", batch=b)
     if not runnable:
         return
-    bmax = max(runnable)
-    per_seq = pages_needed(seq, args.page_size)
-    engine = EngineConfig(
-        page_size=args.page_size, num_pages=bmax * per_seq, max_seq_len=seq, dtype=dtype,
-        kernels=args.kernels, decode_steps=args.decode_steps,
-        batch_buckets=tuple(sorted(set(runnable))),
-        prefill_buckets=(min(args.prompt_len, 512),), unroll_layers=args.unroll_layers)
-    runner = Runner(cfg, engine, loaded.graphdef, loaded.params, mesh=mesh)
-    cache = init_cache(cfg, engine, runner.cache_shardings)
-    wbytes = param_bytes(loaded.params)
+    llm = LLM.load(args.model, engine, mesh=make_mesh(spec), dtype=dtype, seed=0,
+                   quant=args.quant)
+    cfg = llm.core.model_cfg
+    base["quant"] = llm.quant
+    wbytes = param_bytes(llm.core.runner.params)
     kv_tok = kv_bytes_per_token(cfg, jnp.dtype(engine.kv_dtype).itemsize)
     rng = np.random.default_rng(0)
     try:
         for b in runnable:
-            alloc = ReplicaPageAllocator(runner.layout)
-            page_lists = [alloc.allocate(per_seq, replica=runner.layout.replica_of_slot(i))
-                          for i in range(b)]
             prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).astype(np.int32)
                        for _ in range(b)]
-            c0 = runner.compile_seconds
+            c0 = llm.compile_seconds
             t0 = time.perf_counter()
-            cache, _ = run_once(runner, cache, page_lists, prompts, args.gen_len,
-                                args.decode_steps)
+            run_once(llm, prompts, args.gen_len)
             first_call = time.perf_counter() - t0
-            compile_s = runner.compile_seconds - c0
-            compiles_before = runner.num_compiles
-            runs = []
-            for _ in range(args.repeat):
-                cache, t = run_once(runner, cache, page_lists, prompts, args.gen_len,
-                                    args.decode_steps)
-                runs.append(t)
-            if runner.num_compiles != compiles_before:
+            compile_s = llm.compile_seconds - c0
+            compiles_before = llm.num_compiles
+            runs = [run_once(llm, prompts, args.gen_len) for _ in range(args.repeat)]
+            if llm.num_compiles != compiles_before:
                 raise RuntimeError("recompiled during timed runs")
             ttft = statistics.median(r.ttft for r in runs)
             dec = statistics.median(r.decode for r in runs)
@@ -223,48 +198,42 @@ def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
             decode_steps = args.gen_len - 1
             step_s = dec / max(decode_steps, 1)
             avg_ctx = args.prompt_len + args.gen_len / 2
+            # dp replicas each read their own copy of the weights: count one (the mesh rate).
             gbps = (wbytes + b * avg_ctx * kv_tok) / step_s / 1e9
+            state = [(c.runner.params, c.runner.cache) for c in llm.cores]
             metrics = [
                 ("compile_s", compile_s, "s"), ("first_call_s", first_call, "s"),
                 ("ttft_ms", ttft * 1e3, "ms"),
                 ("prefill_tok_s", b * args.prompt_len / ttft, "tok/s"),
                 ("decode_tok_s", b * decode_steps / dec, "tok/s"), ("itl_ms", step_s * 1e3, "ms"),
                 ("tok_s", b * args.gen_len / total, "tok/s"), ("hbm_gbps", gbps, "GB/s"),
-                ("state_gb_per_device",
-                 state_bytes_per_device((loaded.params, cache)) / 1e9, "GB"),
+                ("state_gb_per_device", state_bytes_per_device(state) / 1e9, "GB"),
             ]
-            used = hbm_in_use(mesh.local_devices)
+            used = hbm_in_use([d for c in llm.cores for d in c.runner.mesh.local_devices])
             if used is not None:
                 metrics.append(("hbm_in_use_gb", used / 1e9, "GB"))
             if peak:
-                metrics += [("roofline_frac", gbps / peak / spec.size, "fraction"),
+                metrics += [("roofline_frac", gbps / peak / (spec.size // spec.dp), "fraction"),
                             ("copy_gbps", peak, "GB/s")]
             for metric, value, unit in metrics:
                 _emit(rows, dict(base, batch=b, metric=metric, value=round(float(value), 4),
                                  unit=unit, weight_bytes=wbytes))
-            for pages in page_lists:
-                alloc.free(pages)
+            if llm.pages_used():
+                raise RuntimeError("pages left in use after a bench run")
     finally:  # free this mesh's weights, cache and executables before the next mesh loads
-        for x in jax.tree.leaves((cache, loaded.params)):
-            if not x.is_deleted():
-                x.delete()
-        del runner, loaded, cache
+        for c in llm.cores:
+            for x in jax.tree.leaves((c.runner.cache, c.runner.state, c.runner.params)):
+                if not x.is_deleted():
+                    x.delete()
+        del llm
         jax.clear_caches()
         gc.collect()
-
-
-def _model_config(model: str) -> ModelConfig:
-    if model in PRESETS:
-        return PRESETS[model]
-    import checkpoints  # a directory: read only its config here
-
-    return checkpoints.load_model_config(model)
 
 
 def bench_generate(args, batch_sizes: list[int]) -> list[dict]:
     """Every mesh of the sweep in turn (a plain run is a sweep of one mesh)."""
     specs = parse_mesh_list(args.meshes or args.mesh)
-    cfg = _model_config(args.model)
+    cfg = load_model_config(args.model)
     peak = args.peak_gbps or (copy_bandwidth_gbps() if jax.default_backend() == "gpu" else None)
     present = len(jax.devices())
     rows: list[dict] = []
@@ -366,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=256)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--kernels", choices=("reference", "pallas"), default="reference")
+    p.add_argument("--kernels", choices=("auto", "reference", "pallas"), default="auto",
+                   help="auto: Pallas on GPU, the plain-JAX references elsewhere")
     p.add_argument("--quant", choices=QUANT_MODES, default=None,
                    help="weight quantization (random presets: quantized at load); default: as "
                         "stored")
@@ -395,9 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxinfer.kernel_bench import main as kernels_main
         return kernels_main(argv[1:])
     if argv and argv[0] == "serving":
-        # The load generator is a gRPC client of the server, so it lives beside the protos.
-        from serve.loadgen import main as serving_main
-        return serving_main(argv[1:])
+        # The load generator is a gRPC client of the server and lives beside its protos in
+        # serve/ (which jaxinfer never imports): run it as its own program.
+        return subprocess.call([sys.executable, "-m", "serve.loadgen", *argv[1:]])
     if argv and argv[0] == "generate":
         argv = argv[1:]
     args = build_parser().parse_args(argv)

@@ -1,7 +1,12 @@
 """Static shape buckets: the only module that rounds a size up (STYLE.md rule 7).
 
-Every jitted step runs at a bucketed batch size, query length and block-table width, so the
-set of compiled programs is finite and known at warm-up.
+Every device program runs at a bucketed shape, so the set of compiled programs is finite and
+known at warm-up (`program_shapes`). One set for offline generation, the bench and the server:
+
+- decode: batch B in `batch_buckets` (the largest is the number of decode slots) x block-table
+  width W in `page_widths`;
+- prefill: rows R in `prefill_rows` x chunk T in `prefill_buckets`, with R x T within the
+  token budget `max_num_batched_tokens`, at the full block-table width.
 """
 
 from __future__ import annotations
@@ -20,76 +25,55 @@ def round_up(n: int, buckets: Sequence[int], what: str) -> int:
     raise CapacityError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
 
 
-def batch_bucket(engine: EngineConfig, n: int) -> int:
-    return round_up(max(n, 1), engine.batch_buckets, "batch size")
+def page_widths(engine: EngineConfig) -> tuple[int, ...]:
+    """Decode block-table widths; the last covers the longest sequence. By default only that
+    one: the Pallas kernels read only a row's own pages whatever the width, and every extra
+    width doubles the decode programs (the reference attention, which reads every page of a
+    table, gains from a narrow width through `page_buckets`)."""
+    if engine.page_buckets is not None:
+        return engine.page_buckets
+    return (engine.pages_per_seq,)
 
 
-def prefill_bucket(engine: EngineConfig, n: int) -> int:
-    return round_up(max(n, 1), engine.prefill_buckets, "prefill chunk length")
-
-
-def page_bucket(engine: EngineConfig, num_pages: int) -> int:
-    return round_up(max(num_pages, 1), engine.page_table_buckets, "pages per sequence")
-
-
-def max_prefill_chunk(engine: EngineConfig) -> int:
-    return engine.prefill_buckets[-1]
-
-
-def all_buckets(engine: EngineConfig) -> dict[str, tuple[int, ...]]:
-    return {"batch": engine.batch_buckets, "prefill": engine.prefill_buckets,
-            "pages": engine.page_table_buckets}
-
-
-# -- serving (serve/engine.py): the static shapes of the engine's two step programs ----------
-
-def serve_page_widths(engine: EngineConfig) -> tuple[int, ...]:
-    """Decode block-table widths; the last covers the longest sequence."""
-    if engine.serve_page_buckets is not None:
-        return engine.serve_page_buckets
-    full = engine.pages_per_seq
-    return tuple(sorted({max(full // 4, 1), full}))
-
-
-def serve_num_slots(engine: EngineConfig) -> int:
-    """Decode slots: the most sequences that run (hold a slot) at once."""
-    return engine.serve_decode_buckets[-1]
-
-
-def serve_decode_shapes(engine: EngineConfig) -> list[tuple[int, int]]:
+def decode_shapes(engine: EngineConfig) -> list[tuple[int, int]]:
     """Every (batch B, block-table width W) a decode step is compiled for."""
-    return [(b, w) for b in engine.serve_decode_buckets for w in serve_page_widths(engine)]
+    return [(b, w) for b in engine.batch_buckets for w in page_widths(engine)]
 
 
-def serve_decode_shape(engine: EngineConfig, rows: int, max_pages: int) -> tuple[int, int]:
+def decode_shape(engine: EngineConfig, rows: int, max_pages: int) -> tuple[int, int]:
     """(B, W) for a decode step of `rows` sequences holding at most `max_pages` pages."""
-    return (round_up(max(rows, 1), engine.serve_decode_buckets, "decode batch"),
-            round_up(max(max_pages, 1), serve_page_widths(engine), "pages per sequence"))
+    return (round_up(max(rows, 1), engine.batch_buckets, "decode batch"),
+            round_up(max(max_pages, 1), page_widths(engine), "pages per sequence"))
 
 
-def serve_prefill_shapes(engine: EngineConfig) -> list[tuple[int, int]]:
+def prefill_shapes(engine: EngineConfig) -> list[tuple[int, int]]:
     """Every (rows R, chunk T) a prefill step is compiled for: R * T within the token budget
     (the smallest chunk is always allowed for one row)."""
-    out = [(r, t) for r in engine.serve_prefill_rows for t in engine.serve_prefill_buckets
+    out = [(r, t) for r in engine.prefill_rows for t in engine.prefill_buckets
            if r * t <= engine.max_num_batched_tokens]
-    return out or [(1, engine.serve_prefill_buckets[0])]
+    return out or [(1, engine.prefill_buckets[0])]
 
 
-def serve_prefill_shape(engine: EngineConfig, rows: int, max_chunk: int
-                        ) -> tuple[int, int] | None:
+def prefill_shape(engine: EngineConfig, rows: int, max_chunk: int) -> tuple[int, int] | None:
     """The compiled (R, T) for `rows` chunks of at most `max_chunk` tokens, or None when no
     compiled shape holds them."""
-    r = next((b for b in engine.serve_prefill_rows if b >= rows), None)
-    t = next((b for b in engine.serve_prefill_buckets if b >= max_chunk), None)
-    if r is None or t is None or (r, t) not in serve_prefill_shapes(engine):
+    r = next((b for b in engine.prefill_rows if b >= rows), None)
+    t = next((b for b in engine.prefill_buckets if b >= max_chunk), None)
+    if r is None or t is None or (r, t) not in prefill_shapes(engine):
         return None
     return r, t
 
 
-def serve_max_chunk(engine: EngineConfig, rows: int) -> int:
+def max_chunk(engine: EngineConfig, rows: int) -> int:
     """The longest chunk any of `rows` prefill rows may have (0: `rows` rows never fit)."""
-    r = next((b for b in engine.serve_prefill_rows if b >= rows), None)
+    r = next((b for b in engine.prefill_rows if b >= rows), None)
     if r is None:
         return 0
-    fits = [t for rr, t in serve_prefill_shapes(engine) if rr == r]
+    fits = [t for rr, t in prefill_shapes(engine) if rr == r]
     return max(fits, default=0)
+
+
+def decode_step_counts(engine: EngineConfig) -> tuple[int, ...]:
+    """Decode tokens per dispatch that are compiled: 1 (beside prefill chunks) and
+    `decode_steps` (decode-only steps)."""
+    return tuple(sorted({1, engine.decode_steps}))

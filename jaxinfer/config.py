@@ -17,6 +17,7 @@ from jaxinfer.errors import ConfigError
 Family = Literal["llama", "mistral", "qwen2"]
 RopeType = Literal["default", "linear", "dynamic", "llama3"]
 Kernels = Literal["reference", "pallas"]
+KernelChoice = Literal["auto", "reference", "pallas"]
 DTypeName = Literal["bfloat16", "float16", "float32"]
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -24,6 +25,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 # KV cache dtypes: the float ones, or 8-bit with per-page-per-head float32 scales.
 CACHE_DTYPES = DTYPES + ("int8", "float8_e4m3fn")
 KERNELS = ("reference", "pallas")
+KERNEL_CHOICES = ("auto",) + KERNELS
 GPU_LAYER_UNROLL = 4  # EngineConfig.unroll_layers when unset, on GPU
 
 
@@ -137,56 +139,66 @@ class ModelConfig:
             raise ConfigError(f"jaxinfer_config.json: {e}") from None
 
 
-def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
-    out, x = [], lo
-    while x < hi:
-        out.append(x)
-        x *= 2
-    out.append(hi)
-    return tuple(sorted(set(out)))
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    """How a model is run: cache geometry, static shape buckets, dtypes and kernels."""
+    """How a model is run: cache geometry, the static shape buckets, dtypes and kernels. One
+    config for offline generation, the bench and the server: they run the same programs.
+
+    `num_pages` None sizes the KV cache from the device memory left after the weights
+    (`gpu_memory_utilization`, as vLLM does) on GPU, and to hold every decode slot at
+    `max_seq_len` elsewhere; `kernels` "auto" is Pallas on GPU and the references elsewhere.
+    `resolved()` fills both in once the devices are known."""
 
     page_size: int = 16  # G: tokens per KV page
-    num_pages: int = 1024  # P: pages in the pool (page 0 is a valid page, not reserved)
+    num_pages: int | None = None  # P: pages in the pool (page 0 is a valid page)
+    gpu_memory_utilization: float = 0.9  # of each device's memory, weights and cache included
     max_seq_len: int = 2048  # longest sequence (prompt + generated) a slot may hold
-    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)  # T during prefill
-    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # B
-    decode_steps: int = 8  # decode steps per device dispatch (lax.scan), one host sync each
+    # Decode batch sizes B; the largest is the number of decode slots (running sequences).
+    batch_buckets: tuple[int, ...] = (8, 16, 32, 64)
+    # Prefill chunk lengths T and rows R (sequences per prefill call); R x T <= the budget.
+    prefill_buckets: tuple[int, ...] = (32, 128, 512)
+    prefill_rows: tuple[int, ...] = (1, 4)
+    # Decode block-table widths (pages); None: the full width only (the Pallas kernels read
+    # only a row's own pages; the reference attention reads every page of the table and gains
+    # from narrower ones). The last covers pages_per_seq.
+    page_buckets: tuple[int, ...] | None = None
+    # Tokens per engine step: decode tokens of running sequences plus prefill chunks. It also
+    # caps a prefill call's padded size (rows x chunk), so a step's work stays bounded.
+    max_num_batched_tokens: int = 512
+    # Decode tokens per dispatch when no prefill is waiting to join the step (stops on device);
+    # 1 turns multi-step decoding off.
+    decode_steps: int = 8
     dtype: DTypeName = "bfloat16"  # weights and activations
     cache_dtype: str | None = None  # KV cache, one of CACHE_DTYPES; None = same as dtype
-    kernels: Kernels = "reference"
+    kernels: KernelChoice = "auto"
     # Layers per iteration of the layer loop (`lax.scan`'s unroll); a value >= the layer count
     # unrolls it fully. None: GPU_LAYER_UNROLL on GPU, 1 elsewhere. Measured on the H100
     # (Llama-3.2-1B shape, in-process serving at 64 sequences): 1 -> 16.0k tok/s and 27 s of
     # warm-up compiles, 4 -> 17.0k and 34 s, 16 (full) -> 18.2k and 185 s.
     unroll_layers: int | None = None
-    # -- serving (serve/engine.py); generate.py and bench.py do not read these ------------------
-    # Tokens per engine step: decode tokens of running sequences plus prefill chunks. It also
-    # caps a prefill call's padded size (rows x chunk), so a step's work stays bounded.
-    max_num_batched_tokens: int = 512
-    # Decode batch sizes; the largest is the number of decode slots (running sequences).
-    serve_decode_buckets: tuple[int, ...] = (8, 16, 32, 64)
-    # Prefill chunk lengths (T) and rows (sequences per prefill call).
-    serve_prefill_buckets: tuple[int, ...] = (32, 128, 512)
-    serve_prefill_rows: tuple[int, ...] = (1, 4)
-    # Decode block-table widths (pages); None = (pages_per_seq // 4, pages_per_seq). The last
-    # must cover pages_per_seq. A width only matters for the reference attention, which reads
-    # every page of the table; prefill always uses the full width.
-    serve_page_buckets: tuple[int, ...] | None = None
+    # dtype of the tensor-parallel all-reduces the kernels issue (row-parallel partial sums,
+    # the vocab-parallel embedding); None: the activations' dtype on GPU, as Megatron and vLLM
+    # reduce (2x H200, 8B shape, tp=2, batch 32: 5.33 ms per decode step in bfloat16 against
+    # 5.66 in float32), float32 elsewhere (a bfloat16 psum in a shard_map aborts XLA's CPU
+    # compiler).
+    tp_reduce_dtype: DTypeName | None = None
     max_logprobs: int = 20  # top logprobs a request may ask for (static in the step programs)
     max_n: int = 8  # samples per request
+    max_stop_token_ids: int = 64  # stop token ids per request (checked on device)
+    enable_prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
             raise ConfigError(f"page_size must be a positive power of two, got {self.page_size}")
-        for name in ("num_pages", "max_seq_len", "decode_steps"):
+        for name in ("max_seq_len", "decode_steps", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("prefill_buckets", "batch_buckets"):
+        if self.num_pages is not None and self.num_pages <= 0:
+            raise ConfigError(f"num_pages must be positive, got {self.num_pages}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
+        for name in ("batch_buckets", "prefill_buckets", "prefill_rows"):
             b = getattr(self, name)
             if not b or list(b) != sorted(set(b)) or b[0] <= 0:
                 raise ConfigError(f"{name} must be strictly increasing positive ints, got {b}")
@@ -195,13 +207,34 @@ class EngineConfig:
         if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(
                 f"cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
-        if self.kernels not in KERNELS:
-            raise ConfigError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.tp_reduce_dtype is not None and self.tp_reduce_dtype not in DTYPES:
+            raise ConfigError(f"tp_reduce_dtype must be one of {DTYPES}, got "
+                              f"{self.tp_reduce_dtype!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         if self.unroll_layers is not None and (isinstance(self.unroll_layers, bool)
                                                or self.unroll_layers < 1):
             raise ConfigError(f"unroll_layers must be a positive int (layers per loop "
                               f"iteration), got {self.unroll_layers!r}")
-        self._check_serving()
+        if self.max_num_batched_tokens < self.batch_buckets[-1]:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= the largest "
+                f"batch bucket ({self.batch_buckets[-1]}) so every running sequence decodes "
+                "each step")
+        if self.prefill_buckets[0] > self.max_num_batched_tokens:
+            raise ConfigError(
+                f"the smallest prefill bucket ({self.prefill_buckets[0]}) exceeds "
+                f"max_num_batched_tokens ({self.max_num_batched_tokens})")
+        w = self.page_buckets
+        if w is not None and (not w or list(w) != sorted(set(w)) or w[0] <= 0
+                              or w[-1] < self.pages_per_seq):
+            raise ConfigError(
+                f"page_buckets must be strictly increasing positive ints ending at >= "
+                f"pages_per_seq ({self.pages_per_seq}), got {w}")
+        if self.max_logprobs < 0 or self.max_n < 1 or self.max_stop_token_ids < 0:
+            raise ConfigError(f"max_logprobs and max_stop_token_ids must be >= 0 and max_n >= 1, "
+                              f"got {self.max_logprobs}, {self.max_stop_token_ids} and "
+                              f"{self.max_n}")
 
     @property
     def layer_unroll(self) -> int:
@@ -212,29 +245,11 @@ class EngineConfig:
 
         return GPU_LAYER_UNROLL if jax.default_backend() == "gpu" else 1
 
-    def _check_serving(self) -> None:
-        for name in ("serve_decode_buckets", "serve_prefill_buckets", "serve_prefill_rows"):
-            b = getattr(self, name)
-            if not b or list(b) != sorted(set(b)) or b[0] <= 0:
-                raise ConfigError(f"{name} must be strictly increasing positive ints, got {b}")
-        if self.max_num_batched_tokens < self.serve_decode_buckets[-1]:
-            raise ConfigError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= the largest "
-                f"decode bucket ({self.serve_decode_buckets[-1]}) so every running sequence "
-                "decodes each step")
-        if self.serve_prefill_buckets[0] > self.max_num_batched_tokens:
-            raise ConfigError(
-                f"the smallest serve_prefill_bucket ({self.serve_prefill_buckets[0]}) exceeds "
-                f"max_num_batched_tokens ({self.max_num_batched_tokens})")
-        w = self.serve_page_buckets
-        if w is not None and (not w or list(w) != sorted(set(w)) or w[0] <= 0
-                              or w[-1] < self.pages_per_seq):
-            raise ConfigError(
-                f"serve_page_buckets must be strictly increasing positive ints ending at >= "
-                f"pages_per_seq ({self.pages_per_seq}), got {w}")
-        if self.max_logprobs < 0 or self.max_n < 1:
-            raise ConfigError(f"max_logprobs must be >= 0 and max_n >= 1, got "
-                              f"{self.max_logprobs} and {self.max_n}")
+    def resolved_kernels(self, backend: str) -> Kernels:
+        """"auto" -> "pallas" on GPU, "reference" elsewhere."""
+        if self.kernels != "auto":
+            return self.kernels
+        return "pallas" if backend == "gpu" else "reference"
 
     @property
     def pages_per_seq(self) -> int:
@@ -242,13 +257,20 @@ class EngineConfig:
         return math.ceil(self.max_seq_len / self.page_size)
 
     @property
+    def num_slots(self) -> int:
+        """Decode slots: the most sequences that run (hold a slot) at once."""
+        return self.batch_buckets[-1]
+
+    @property
     def kv_dtype(self) -> str:
         return self.cache_dtype or self.dtype
 
     @property
-    def page_table_buckets(self) -> tuple[int, ...]:
-        """Block-table widths compiled for (powers of two up to `pages_per_seq`)."""
-        return _pow2_upto(1, self.pages_per_seq)
+    def pool_pages(self) -> int:
+        """`num_pages`, which must be resolved by now (`resolved` or an explicit value)."""
+        if self.num_pages is None:
+            raise ConfigError("num_pages is not resolved yet (EngineConfig.resolved sizes it)")
+        return self.num_pages
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

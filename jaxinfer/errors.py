@@ -27,3 +27,12 @@ class CapacityError(JaxinferError):
 
 class UnavailableError(JaxinferError):
     """The engine is not accepting work now (warming up, draining, stopped): gRPC UNAVAILABLE."""
+
+
+class PreconditionError(JaxinferError):
+    """The request is well formed but this engine cannot serve it (gRPC FAILED_PRECONDITION),
+    e.g. text or stop strings for a model that has no tokenizer."""
+
+
+class EngineDeadError(UnavailableError):
+    """The engine core process stopped; every request in flight ends UNAVAILABLE."""

@@ -4,7 +4,7 @@ Layout `[L, K, P, G, H]` (layers, kv heads, pages, page size, head dim), as JAX'
 paged-attention kernels expect per layer: a page of one head is one contiguous `[G, H]` tile,
 so a decode kernel streams whole pages, and sharding kv heads over `tp` splits the pool evenly.
 The device sees only block tables `[B, W]` and lengths `[B]`; which sequence owns which page is
-decided on the host by `PageAllocator` (reference counted, ready for prefix sharing).
+decided on the host by `jaxinfer.engine.kv_pages.KVPages` (reference counts, prefix cache).
 `k_scale`/`v_scale` `[L, K, P]` hold per-page-per-head scales once the cache is quantized.
 """
 
@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxinfer.config import EngineConfig, ModelConfig
-from jaxinfer.errors import CapacityError
+from jaxinfer.errors import ConfigError
 
 CACHE_AXES = ("layers", "kv_heads", "pages", "page_size", "head_dim")
 SCALE_AXES = ("layers", "kv_heads", "pages")
@@ -47,7 +45,7 @@ class PagedKVCache:
 
 
 def cache_shape(model: ModelConfig, engine: EngineConfig) -> tuple[int, ...]:
-    return (model.num_layers, model.num_kv_heads, engine.num_pages, engine.page_size, model.head_dim)
+    return (model.num_layers, model.num_kv_heads, engine.pool_pages, engine.page_size, model.head_dim)
 
 
 def is_quantized(engine: EngineConfig) -> bool:
@@ -56,7 +54,7 @@ def is_quantized(engine: EngineConfig) -> bool:
 
 
 def scale_shape(model: ModelConfig, engine: EngineConfig) -> tuple[int, ...]:
-    return (model.num_layers, model.num_kv_heads, engine.num_pages)
+    return (model.num_layers, model.num_kv_heads, engine.pool_pages)
 
 
 def abstract_cache(model: ModelConfig, engine: EngineConfig) -> PagedKVCache:
@@ -97,65 +95,58 @@ def pages_needed(num_tokens: int, page_size: int) -> int:
     return math.ceil(num_tokens / page_size)
 
 
-class PageAllocator:
-    """Host-side owner of the page pool: a free list plus reference counts.
+# vLLM's CPU backend default for the KV cache (VLLM_CPU_KVCACHE_SPACE): where a device reports
+# no memory statistics, the pool is sized to hold every slot at full length, up to this.
+HOST_CACHE_BYTES = 4 * 2**30
 
-    Reference counts let several sequences share a page (prefix caching); a page returns to the
-    free list when its count drops to zero. Freeing a page that is not held raises.
-    """
 
-    def __init__(self, num_pages: int) -> None:
-        self.num_pages = num_pages
-        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out 0, 1, 2...
-        self._refs = np.zeros(num_pages, dtype=np.int32)
+def page_bytes(model: ModelConfig, engine: EngineConfig, mesh: jax.sharding.Mesh) -> int:
+    """Bytes one KV page takes on the fullest device of `mesh` (layers split over pp, KV heads
+    over tp unless replicated), scales included."""
+    pp = mesh.shape.get("pp", 1)
+    tp = mesh.shape.get("tp", 1)
+    layers = model.num_layers // pp
+    heads = model.num_kv_heads // tp if model.num_kv_heads % tp == 0 else model.num_kv_heads
+    item = jnp.dtype(engine.kv_dtype).itemsize
+    per_page = 2 * layers * heads * engine.page_size * model.head_dim * item
+    if is_quantized(engine):
+        per_page += 2 * layers * heads * 4
+    return per_page
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
 
-    @property
-    def num_used(self) -> int:
-        return self.num_pages - len(self._free)
+def memory_stats(device) -> dict | None:
+    """The device's allocator statistics with a `bytes_limit`, or None (CPU keeps none)."""
+    try:
+        stats = device.memory_stats()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    return stats if stats and "bytes_limit" in stats else None
 
-    def allocate(self, n: int) -> list[int]:
-        """Take `n` fresh pages; raise CapacityError (and take none) if fewer are free."""
-        if n > len(self._free):
-            raise CapacityError(f"need {n} KV pages, only {len(self._free)} free of {self.num_pages}")
-        pages = [self._free.pop() for _ in range(n)]
-        self._refs[pages] = 1
-        return pages
 
-    def try_allocate(self, n: int) -> list[int] | None:
-        """Like `allocate`, but returns None when the pool is short (the scheduler preempts)."""
-        return self.allocate(n) if n <= len(self._free) else None
-
-    def share(self, pages: Iterable[int]) -> None:
-        """Add a reference to pages already held (a second sequence reads them)."""
-        pages = list(pages)
-        if any(self._refs[p] <= 0 for p in pages):
-            raise ValueError(f"cannot share pages that are not allocated: {pages}")
-        for p in pages:
-            self._refs[p] += 1
-
-    def free(self, pages: Iterable[int]) -> None:
-        """Drop one reference to each page; pages reaching zero return to the free list."""
-        pages = list(pages)
-        for p in pages:
-            if not 0 <= p < self.num_pages or self._refs[p] <= 0:
-                raise ValueError(f"double free or foreign page {p}")
-        for p in pages:
-            self._refs[p] -= 1
-            if self._refs[p] == 0:
-                self._free.append(p)
-
-    def refcount(self, page: int) -> int:
-        return int(self._refs[page])
-
-    def check(self) -> None:
-        """Invariants: free pages have refcount 0, held pages > 0, no page listed twice."""
-        free = set(self._free)
-        if len(free) != len(self._free):
-            raise AssertionError("a page is on the free list twice")
-        for p in range(self.num_pages):
-            if (p in free) != (self._refs[p] == 0):
-                raise AssertionError(f"page {p}: free={p in free} refcount={self._refs[p]}")
+def size_pool(model: ModelConfig, engine: EngineConfig, mesh: jax.sharding.Mesh, *,
+              reserved_bytes: int = 0) -> int:
+    """Pages for `engine.num_pages` None: on devices with memory statistics (GPU), what fits in
+    `gpu_memory_utilization` of the fullest device's memory after what is in use now (the
+    weights) and `reserved_bytes` (slot state, activations); elsewhere every decode slot at
+    `max_seq_len`, within HOST_CACHE_BYTES. At least one sequence of `max_seq_len`."""
+    per_page = page_bytes(model, engine, mesh)
+    want = engine.num_slots * engine.pages_per_seq
+    free = None
+    for d in mesh.devices.flat:
+        stats = memory_stats(d)
+        if stats is None:
+            continue
+        room = (engine.gpu_memory_utilization * stats["bytes_limit"]
+                - stats.get("bytes_in_use", 0) - reserved_bytes)
+        free = room if free is None else min(free, room)
+    if free is None:
+        return max(min(want, HOST_CACHE_BYTES // per_page), engine.pages_per_seq)
+    pages = int(free // per_page)
+    if pages < engine.pages_per_seq:
+        raise ConfigError(
+            f"the KV cache does not fit: {max(free, 0) / 2**30:.2f} GiB left of "
+            f"{engine.gpu_memory_utilization} of device memory holds {max(pages, 0)} pages of "
+            f"{engine.page_size} tokens, fewer than one sequence of max_seq_len "
+            f"{engine.max_seq_len} needs ({engine.pages_per_seq}); raise "
+            "--gpu-memory-utilization, lower --max-seq-len or give --num-pages")
+    return pages

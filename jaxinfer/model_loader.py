@@ -92,6 +92,18 @@ def _pure(state) -> dict:
     return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
+def load_model_config(model: str) -> ModelConfig:
+    """The config of `model` (a preset name or a model directory) without loading weights."""
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model)
+    if not path.is_dir():
+        raise ConfigError(
+            f"--model {model!r} is neither a directory nor a preset "
+            f"(presets: {', '.join(sorted(PRESETS))})")
+    return checkpoints.load_model_config(path)
+
+
 def load_model(model: str, *, mesh: jax.sharding.Mesh, dtype: str = "bfloat16", seed: int = 0,
                allow_pickle: bool = False, quant: str | None = None) -> LoadedModel:
     """Load `model`: a preset name from `PRESETS` or a model directory.

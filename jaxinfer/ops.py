@@ -53,18 +53,16 @@ QMATMUL_KERNEL_MAX_M = {"int8": 32, "fp8": 32}
 # of the streaming kernel). Beyond it (prefill chunks) the layer's slice is copied out and XLA's
 # dot runs; the copy is then small beside the matmul.
 DENSE_KERNEL_MAX_M = 64
-# dtype of the tp all-reduces this module issues (row-parallel partial sums, the embedding's
-# rows); None: the activations' dtype on GPU, as Megatron and vLLM reduce (2x H200, 8B shape,
-# tp=2, batch 32: 5.33 ms per decode step in bfloat16 against 5.66 in float32; batch 1 the
-# same), and float32 elsewhere (a bfloat16 psum inside a shard_map aborts XLA's CPU compiler).
-# A probe may set it to compare.
-TP_REDUCE_DTYPE = None
 
 
-def tp_reduce_dtype(dtype) -> jnp.dtype:
-    """The dtype in which partial results of `dtype` are summed over tp (`TP_REDUCE_DTYPE`)."""
-    if TP_REDUCE_DTYPE is not None:
-        return jnp.dtype(TP_REDUCE_DTYPE)
+def tp_reduce_dtype(dtype, override: str | None = None) -> jnp.dtype:
+    """The dtype in which partial results of `dtype` are summed over tp: `override`
+    (`EngineConfig.tp_reduce_dtype`) when given, else the activations' dtype on GPU, as
+    Megatron and vLLM reduce (2x H200, 8B shape, tp=2, batch 32: 5.33 ms per decode step in
+    bfloat16 against 5.66 in float32; batch 1 the same), and float32 elsewhere (a bfloat16
+    psum inside a shard_map aborts XLA's CPU compiler)."""
+    if override is not None:
+        return jnp.dtype(override)
     return jnp.dtype(jnp.float32 if use_interpret() else dtype)
 
 
@@ -152,7 +150,8 @@ def write_kv(
     return k_pages, v_pages, k_scale, v_scale
 
 
-def embedding(table: jax.Array, tokens: jax.Array) -> jax.Array:
+def embedding(table: jax.Array, tokens: jax.Array, *, reduce_dtype: str | None = None
+              ) -> jax.Array:
     """Rows `tokens` [...] of the embedding `table` [V, D] -> [..., D].
 
     Under tensor parallelism the table is split over the vocabulary, and GSPMD partitions a
@@ -172,7 +171,8 @@ def embedding(table: jax.Array, tokens: jax.Array) -> jax.Array:
         mine = (local >= 0) & (local < rows)
         out = jnp.take(table, jnp.where(mine, local, 0), axis=0)
         out = jnp.where(mine[..., None], out, jnp.zeros((), out.dtype))
-        return jax.lax.psum(out.astype(tp_reduce_dtype(table.dtype)), "tp").astype(table.dtype)
+        summed = jax.lax.psum(out.astype(tp_reduce_dtype(table.dtype, reduce_dtype)), "tp")
+        return summed.astype(table.dtype)
 
     free = (None,) * tokens.ndim
     with jax.named_scope("vocab_parallel_embedding"):  # named in the HLO (tests find it)
@@ -194,6 +194,7 @@ def linear(
     layer: jax.Array | int | None = None,  # which layer of a stacked QuantArray
     out_dtype=None,
     axes: tuple[str | None, ...] | None = None,  # logical axes of one layer's float weight
+    reduce_dtype: str | None = None,  # tp all-reduce dtype override (`tp_reduce_dtype`)
 ) -> jax.Array:
     """x @ w over the last `contract` dims of x -> [..., *O] in `out_dtype` (default x's dtype;
     a float weight keeps XLA's usual result type). A QuantArray runs the int8 or fp8 kernel
@@ -205,7 +206,7 @@ def linear(
     if not isinstance(w, QuantArray):
         if axes is not None and w.ndim == len(axes) + 1:
             return _stacked_linear(x, w, layer, axes=axes, contract=contract, kernels=kernels,
-                                   out_dtype=out_dtype)
+                                   out_dtype=out_dtype, reduce_dtype=reduce_dtype)
         return jnp.tensordot(x, w, axes=contract, preferred_element_type=out_dtype)
     lead = x.shape[:x.ndim - contract]
     q, scale = matmul_operands(w, contract)
@@ -239,7 +240,8 @@ def reads_layers_in_place(kernels: Kernels, tokens: int) -> bool:
     return kernels == "pallas" and tokens <= DENSE_KERNEL_MAX_M and spmd.auto_tp() is not None
 
 
-def _stacked_linear(x, w, layer, *, axes, contract: int, kernels: Kernels, out_dtype):
+def _stacked_linear(x, w, layer, *, axes, contract: int, kernels: Kernels, out_dtype,
+                    reduce_dtype: str | None):
     """x @ w[layer] for a float weight stack w [L, *C, *O] whose layer has logical `axes`."""
     lead = x.shape[:x.ndim - contract]
     tp = spmd.auto_tp()
@@ -266,7 +268,7 @@ def _stacked_linear(x, w, layer, *, axes, contract: int, kernels: Kernels, out_d
     def shard(x, w, layer):
         if not row_parallel:
             return run(x, w, layer)
-        partial = run(x, w, layer, tp_reduce_dtype(out_dtype or x.dtype))
+        partial = run(x, w, layer, tp_reduce_dtype(out_dtype or x.dtype, reduce_dtype))
         return jax.lax.psum(partial, "tp").astype(out_dtype or x.dtype)
 
     free = (None,) * len(lead)

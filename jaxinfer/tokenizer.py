@@ -382,6 +382,23 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
     return tok
 
 
+def tokenizer_for_model(model: str) -> Tokenizer | None:
+    """The tokenizer for a `--model` value without loading any weights or JAX: the byte-level
+    one for a random preset, a directory's tokenizer files, or None when the directory has none
+    (token ids only)."""
+    from jaxinfer.config import PRESETS  # config is JAX-free too
+
+    if model in PRESETS:
+        return ByteTokenizer(vocab_size=PRESETS[model].vocab_size)
+    folder = Path(model)
+    if not folder.is_dir():
+        raise ConfigError(f"--model {model!r} is neither a directory nor a preset "
+                          f"(presets: {', '.join(sorted(PRESETS))})")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+        return None
+    return load_tokenizer(folder)
+
+
 def _apply_model_special_ids(tok: Tokenizer, folder: Path) -> None:
     """Set BOS/EOS/add_bos from config.json, generation_config.json and tokenizer_config.json."""
     config = _read_json(folder / "config.json")

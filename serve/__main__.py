@@ -1,9 +1,12 @@
-"""`python -m serve --model DIR|dummy [...]`: load a model, warm up, serve gRPC until SIGTERM.
+"""`python -m serve --model DIR|dummy [...]`: start the engine cores, serve gRPC until SIGTERM.
 
-Every `EngineConfig` field is also a flag (`--page-size 16`, `--batch-buckets 1,8,32`,
+This process is the front (gRPC, tokenization, detokenization, streaming; it imports no JAX);
+each dp replica's engine core runs in a process of its own (`serve/engine_client.py`). Every
+`EngineConfig` field is also a flag (`--page-size 16`, `--batch-buckets 8,32`,
 `--unroll-layers`), derived from the dataclass itself, so engine options never need a second
 list here. SIGTERM or SIGINT drains: health goes NOT_SERVING, new requests get UNAVAILABLE,
-in-flight requests finish, and the process exits 0; a second signal exits at once with 1.
+in-flight requests finish, and the process exits 0; a second signal exits at once with 1. An
+engine core that dies ends every request it held with UNAVAILABLE and the server exits 1.
 Errors before serving print one line `serve: error: ...` and exit 1.
 """
 
@@ -29,7 +32,8 @@ logger = logging.getLogger("serve")
 # Flags that are not EngineConfig fields or that the server owns.
 _OWN = {"model", "host", "port", "mesh", "metrics_port", "tls_cert", "tls_key", "max_queue",
         "compile_cache", "max_message_bytes", "drain_timeout", "seed", "allow_pickle",
-        "log_level", "coordinator", "num_processes", "process_id", "step_port"}
+        "log_level", "coordinator", "num_processes", "process_id", "step_port", "dtype",
+        "engine_in_process"}
 
 
 def _engine_flag(p: argparse.ArgumentParser, field: dataclasses.Field, hint) -> None:
@@ -72,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=ServeConfig.port,
                    help="port (default %(default)s; 0 picks a free one)")
     p.add_argument("--mesh", default="dp=1,pp=1,tp=1",
-                   help="dp=D,tp=T: D engine replicas (each with its own --num-pages and "
-                   "decode slots), each over T devices (pp must be 1)")
+                   help="dp=D,pp=P,tp=T: D engine-core processes (replicas, each with its own "
+                   "weights, --num-pages and decode slots), each over P x T devices")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="weights and activations (default bfloat16; float32 on CPU)")
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine core on a thread of this process instead of its own "
+                   "process (debugging; multi-host serving always does)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics over HTTP on this port (same host)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
@@ -105,8 +114,13 @@ def engine_config(args: argparse.Namespace, *, default_dtype: str) -> EngineConf
         value = getattr(args, field.name, None)
         if field.name not in _OWN and value is not None:
             overrides[field.name] = value
-    overrides.setdefault("dtype", default_dtype)
+    overrides["dtype"] = args.dtype or default_dtype
     return EngineConfig(**overrides)
+
+
+def engine_fields(engine_cfg: EngineConfig) -> dict:
+    """The config as JSON fields (for the engine-core processes)."""
+    return {f.name: getattr(engine_cfg, f.name) for f in dataclasses.fields(EngineConfig)}
 
 
 async def _serve(server, shutdown: asyncio.Event) -> bool:
@@ -121,11 +135,13 @@ async def _serve(server, shutdown: asyncio.Event) -> bool:
         name = signal.Signals(signum).name
         if signals > 1:
             logger.warning("second %s: exiting now", name)
+            _kill_cores(server)
             os._exit(1)
         if server.state is State.STARTING:
             # Nothing can be in flight before SERVING, and compiles cannot be interrupted:
             # leave now rather than finish a warm-up nobody will use.
             logger.info("%s during warm-up: exiting", name)
+            _kill_cores(server)
             os._exit(0)
         logger.info("%s: draining (send it again to exit at once)", name)
         server.request_shutdown_state()
@@ -137,50 +153,75 @@ async def _serve(server, shutdown: asyncio.Event) -> bool:
     return await server.run(shutdown)
 
 
+def _kill_cores(server) -> None:
+    kill = getattr(server.engine, "kill", None)
+    if kill is not None:
+        kill()
+
+
 def build_engine(args: argparse.Namespace, engine_cfg: EngineConfig, *, max_queue: int,
-                 metrics=None, channel=None):
-    """One Engine on the `tp` mesh, or (dp > 1) a ReplicatedEngine of dp Engines, replica r
-    on devices [r, 0, :] of the mesh grid, each with its own weights, pages and slots. With a
-    multi-host `channel` (`serve.multihost.StepChannel`) the engine's steps go to the other
-    processes too."""
-    from jaxinfer.errors import ConfigError
-    from jaxinfer.model_loader import load_model
-    from serve.engine import Engine
-    from serve.replicas import ReplicatedEngine, SummedStateMetrics
-    from sharding.mesh import MeshSpec, make_mesh, parse_mesh
+                 metrics=None, on_fatal=None):
+    """The engine client: one engine-core process per dp replica, each on pp x tp devices of
+    its own (or, with --engine-in-process, cores on threads of this process)."""
+    from jaxinfer.tokenizer import tokenizer_for_model
+    from serve.engine_client import EngineClient
+    from sharding.mesh import MeshSpec, parse_mesh
 
     spec = parse_mesh(args.mesh)
-    mesh = make_mesh(spec)  # checks the product against the devices
-    if spec.pp > 1:
-        raise ConfigError(f"the server runs dp and tp meshes; pp={spec.pp} (pipeline stages) "
-                          f"is supported by jaxinfer.generate and the bench, not by the server")
-    if channel is not None and spec.dp > 1:
-        raise ConfigError(f"a multi-host server runs one engine over a tp mesh; got dp={spec.dp}")
-    views = SummedStateMetrics.views(metrics, spec.dp) if metrics is not None and spec.dp > 1 \
-        else [metrics] * spec.dp
-    engines = []
-    for r in range(spec.dp):
-        sub = mesh if spec.dp == 1 else make_mesh(MeshSpec(tp=spec.tp),
-                                                  devices=list(mesh.devices[r, 0, :]))
-        loaded = load_model(args.model, mesh=sub, dtype=engine_cfg.dtype, seed=args.seed,
-                            allow_pickle=args.allow_pickle)
-        runner = None
-        if channel is not None:
-            from serve.multihost import BroadcastingRunner
-            runner = BroadcastingRunner(loaded.cfg, engine_cfg, loaded.graphdef, loaded.params,
-                                        mesh=sub, channel=channel)
-        engines.append(Engine(loaded, engine_cfg, mesh=sub, max_queue=max_queue,
-                              compile_cache_dir=args.compile_cache, metrics=views[r],
-                              runner=runner))
-    return engines[0] if spec.dp == 1 else ReplicatedEngine(engines)
+    replica = MeshSpec(pp=spec.pp, tp=spec.tp)
+    tokenizer = tokenizer_for_model(args.model)
+    if args.engine_in_process:
+        import jax
+
+        from jaxinfer.engine.core import EngineCore
+        from jaxinfer.model_loader import load_model
+        from sharding.mesh import make_mesh, replica_meshes
+
+        cores = []
+        for sub in replica_meshes(make_mesh(spec)):
+            loaded = load_model(args.model, mesh=sub, dtype=engine_cfg.dtype, seed=args.seed,
+                                allow_pickle=args.allow_pickle)
+            cores.append(EngineCore.create(loaded, engine_cfg, mesh=sub))
+        logger.info("engine cores on threads of this process (%s)", jax.default_backend())
+        return EngineClient.in_process(cores, tokenizer=tokenizer, max_queue=max_queue,
+                                       metrics=metrics, on_fatal=on_fatal, progress=True)
+    core_spec = {"model": args.model, "engine": engine_fields(engine_cfg), "mesh": str(replica),
+                 "seed": args.seed, "allow_pickle": args.allow_pickle, "quant": None,
+                 "compile_cache": args.compile_cache, "log_level": args.log_level}
+    return EngineClient.spawn(core_spec, dp=spec.dp, devices_per_replica=replica.size,
+                              tokenizer=tokenizer, max_queue=max_queue, metrics=metrics,
+                              on_fatal=on_fatal)
+
+
+def _multihost_engine(args, engine_cfg: EngineConfig, channel, *, max_queue: int, metrics,
+                      on_fatal):
+    """Process 0 of a multi-host server: its engine core on a thread (this process drives the
+    devices), its runner sending every device call to the other processes."""
+    import functools
+
+    from jaxinfer.engine.core import EngineCore
+    from jaxinfer.model_loader import load_model
+    from serve.engine_client import EngineClient
+    from serve.multihost import BroadcastingRunner
+    from sharding.mesh import make_mesh
+
+    mesh = make_mesh(args.mesh)
+    loaded = load_model(args.model, mesh=mesh, dtype=engine_cfg.dtype, seed=args.seed,
+                        allow_pickle=args.allow_pickle)
+    core = EngineCore.create(loaded, engine_cfg, mesh=mesh,
+                             runner_factory=functools.partial(BroadcastingRunner,
+                                                              channel=channel))
+    return EngineClient.in_process([core], tokenizer=loaded.tokenizer, max_queue=max_queue,
+                                   metrics=metrics, on_fatal=on_fatal, progress=True)
 
 
 def _follow(args: argparse.Namespace, engine_cfg: EngineConfig, address: tuple[str, int]) -> int:
     """A multi-host process other than 0: load the same model, replay process 0's steps."""
     import jax
 
+    from jaxinfer.engine.core import resolve_engine_config
     from jaxinfer.model_loader import load_model
-    from jaxinfer.serve_steps import ServingRunner
+    from jaxinfer.runner import Runner
     from serve.multihost import connect, run_follower
     from sharding.mesh import make_mesh
 
@@ -190,7 +231,8 @@ def _follow(args: argparse.Namespace, engine_cfg: EngineConfig, address: tuple[s
     mesh = make_mesh(args.mesh)
     loaded = load_model(args.model, mesh=mesh, dtype=engine_cfg.dtype, seed=args.seed,
                         allow_pickle=args.allow_pickle)
-    runner = ServingRunner(loaded.cfg, engine_cfg, loaded.graphdef, loaded.params, mesh=mesh)
+    eng = resolve_engine_config(loaded.cfg, engine_cfg, mesh)
+    runner = Runner(loaded.cfg, eng, loaded.graphdef, loaded.params, mesh=mesh)
     sock = connect(address)
     logger.info("process %d: replaying the steps of process 0", jax.process_index())
     run_follower(runner, sock)
@@ -205,36 +247,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level != "DEBUG":  # JAX's backend probing is noise at INFO
         logging.getLogger("jax").setLevel(logging.WARNING)
     metrics_http = None
+    fatal: list[str] = []
     try:
         serve_cfg = ServeConfig(host=args.host, port=args.port, max_queue=args.max_queue,
                                 metrics_port=args.metrics_port, tls_cert=args.tls_cert,
                                 tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
                                 drain_timeout=args.drain_timeout)
         dist = multihost.config_from(args.coordinator, args.num_processes, args.process_id)
-        import jax  # heavy: after the cheap argument checks
-
-        multihost.initialize(dist)  # before anything touches a device
         from serve.metrics import MetricsHttpServer, PrometheusMetrics
         from serve.server import Server
 
-        engine_cfg = engine_config(
-            args, default_dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
-        channel = None
-        if dist.is_distributed and jax.process_count() > 1:
-            from serve.multihost import StepChannel, step_address
+        shutdown = asyncio.Event()
+        loop_box: list[asyncio.AbstractEventLoop] = []
 
-            address = step_address(dist.coordinator, args.step_port)
-            if jax.process_index() != 0:
-                return _follow(args, engine_cfg, address)
-            channel = StepChannel(address, jax.process_count() - 1)
+        def on_fatal(reason: str) -> None:  # a core died: every request it held has failed
+            fatal.append(reason)
+            if loop_box:
+                loop_box[0].call_soon_threadsafe(shutdown.set)
+
         metrics = PrometheusMetrics()
-        engine = build_engine(args, engine_cfg, max_queue=serve_cfg.max_queue, metrics=metrics,
-                              channel=channel)
+        if dist.is_distributed:
+            import jax  # this process drives devices: it must join before touching them
+
+            multihost.initialize(dist)
+            engine_cfg = engine_config(
+                args, default_dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
+            if jax.process_count() > 1:
+                from serve.multihost import StepChannel, step_address
+
+                address = step_address(dist.coordinator, args.step_port)
+                if jax.process_index() != 0:
+                    return _follow(args, engine_cfg, address)
+                channel = StepChannel(address, jax.process_count() - 1)
+                engine = _multihost_engine(args, engine_cfg, channel,
+                                           max_queue=serve_cfg.max_queue, metrics=metrics,
+                                           on_fatal=on_fatal)
+            else:
+                engine = build_engine(args, engine_cfg, max_queue=serve_cfg.max_queue,
+                                      metrics=metrics, on_fatal=on_fatal)
+        else:
+            engine_cfg = engine_config(args, default_dtype=_default_dtype())
+            engine = build_engine(args, engine_cfg, max_queue=serve_cfg.max_queue,
+                                  metrics=metrics, on_fatal=on_fatal)
         server = Server(engine, serve_cfg, metrics=metrics)
         if serve_cfg.metrics_port is not None:
             metrics_http = MetricsHttpServer(metrics, host=serve_cfg.host,
                                              port=serve_cfg.metrics_port)
-        clean = asyncio.run(_serve(server, asyncio.Event()))
+
+        async def run() -> bool:
+            loop_box.append(asyncio.get_running_loop())
+            return await _serve(server, shutdown)
+
+        clean = asyncio.run(run())
     except (JaxinferError, OSError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 1
@@ -243,8 +307,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if metrics_http is not None:
             metrics_http.close()
+    if fatal:
+        logger.error("stopped: %s", fatal[0])
+        return 1
     logger.info("stopped (%s)", "drained" if clean else "drain cut short")
     return 0
+
+
+def _default_dtype() -> str:
+    """float32 on CPU, bfloat16 on GPU, decided without importing JAX here (the cores do):
+    JAX_PLATFORMS when set, else whether an NVIDIA device node exists."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return "float32" if platforms.split(",")[0].strip() == "cpu" else "bfloat16"
+    return "bfloat16" if os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl") \
+        else "float32"
 
 
 if __name__ == "__main__":

@@ -1,76 +1,32 @@
-"""The protocol boundary: protobuf messages in, validated `serve.types.Request`s out, and
-`Output`s back into response messages, for both protocols the server speaks.
+"""The protocol boundary: protobuf messages in, `Request`s out, and `Output`s back into
+response messages, for both protocols the server speaks.
 
-Everything a client can get wrong is checked here, before the engine sees the request, so the
-caller gets one INVALID_ARGUMENT message naming the field and the limit (STYLE.md rule 15).
-The engine validates again where it must (it may know more), and its `RequestError` reaches the
-caller the same way. Nothing here touches gRPC itself; `serve/server.py` maps the exceptions to
-status codes.
+Each front only converts its protocol (which fields are set, text to token ids, defaults such
+as max_tokens up to the context); every value is then checked once, by
+`jaxinfer.engine.request.validate_request`, with the protocol's own field names, so the caller
+gets one INVALID_ARGUMENT message naming the field and the limit (STYLE.md rule 15). Nothing
+here touches gRPC itself; `serve/server.py` maps the exceptions to status codes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 
-from jaxinfer.errors import JaxinferError, RequestError
+from jaxinfer.engine.request import (MAX_REQUEST_ID_CHARS, Limits, Output, Request,
+                                     SamplingOptions, TokenLogprob, Usage, validate_request)
+from jaxinfer.errors import PreconditionError, RequestError
 from jaxinfer.tokenizer import Tokenizer
 from serve.protos import jaxinfer_v1_pb2 as pb
 from serve.protos import jetstream_pb2 as js
-from serve.types import Output, Request, SamplingOptions, TokenLogprob, Usage
-
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
-MAX_STOP_TOKEN_IDS = 64
-MAX_REQUEST_ID_CHARS = 256
-_MAX_SEED = 2**63
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
-
-class PreconditionError(JaxinferError):
-    """The request is well formed but this server cannot serve it (gRPC FAILED_PRECONDITION),
-    e.g. text for a model that has no tokenizer."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Limits:
-    """What a request may ask for; from `Engine.info()` and the model config."""
-
-    vocab_size: int
-    max_seq_len: int  # prompt + generated tokens of one sequence (engine and model limit)
-    max_tokens: int  # generated tokens per sample
-    max_n: int
-    max_logprobs: int
-    max_queue: int
-    page_size: int
-    num_pages: int
-
-    @classmethod
-    def from_info(cls, info: dict) -> Limits:
-        """Read the limits out of `Engine.info()`.
-
-        The model's own context limit also caps `max_seq_len`: the engine may have been
-        configured with a longer one than the model's positions support.
-        """
-        lim = dict(info.get("limits", {}))
-        model = _model_fields(info)
-        vocab = int(model.get("vocab_size") or info.get("vocab_size") or 0)
-        if vocab <= 0:
-            raise JaxinferError("Engine.info() reports no vocab_size")
-        max_seq = int(lim["max_seq_len"])
-        ctx = model.get("max_position_embeddings")
-        rope = model.get("rope_scaling")
-        rope_type = rope.get("rope_type") if isinstance(rope, dict) else getattr(rope, "rope_type",
-                                                                                 None)
-        if ctx and rope_type != "dynamic":  # dynamic NTK scaling stretches the context
-            max_seq = min(max_seq, int(ctx))
-        return cls(vocab_size=vocab, max_seq_len=max_seq,
-                   max_tokens=int(lim.get("max_tokens", max_seq)),
-                   max_n=int(lim.get("max_n", 1)), max_logprobs=int(lim.get("max_logprobs", 0)),
-                   max_queue=int(lim.get("max_queue", 0)), page_size=int(lim.get("page_size", 0)),
-                   num_pages=int(lim.get("num_pages", 0)))
+# Request fields as jaxinfer.v1 names them (sampling options live in `sampling`).
+V1_NAMES = {name: f"sampling.{name}" for name in (
+    "temperature", "top_k", "top_p", "min_p", "seed", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "max_tokens", "n", "logprobs", "stop_token_ids")}
+V1_NAMES.update(stop_strings="sampling.stop", prompt_ids="prompt", request_id="request_id")
+JETSTREAM_NAMES = {"n": "num_samples", "prompt_ids": "prompt"}
 
 
 def _model_fields(info: dict) -> dict:
@@ -101,12 +57,6 @@ def _check_ids(ids: Sequence[int], vocab: int, what: str) -> list[int]:
     if bad:
         raise RequestError(f"{what}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
     return [int(t) for t in ids]
-
-
-def _finite(value: float, name: str) -> float:
-    if not math.isfinite(value):
-        raise RequestError(f"{name} must be a finite number, got {value}")
-    return float(value)
 
 
 def _encode(tokenizer: Tokenizer | None, text: str, add_bos: bool | None) -> list[int]:
@@ -142,36 +92,17 @@ def _check_n(n: int, limits: Limits, field: str) -> int:
     return n
 
 
-def sampling_options(s: pb.SamplingParams, n: int) -> SamplingOptions:
-    """Validated sampling options of a jaxinfer.v1 request (defaults for unset fields)."""
-    temperature = _finite(s.temperature, "sampling.temperature")
-    if temperature < 0:
-        raise RequestError(f"sampling.temperature must be >= 0, got {temperature}")
+def sampling_options(s: pb.SamplingParams) -> SamplingOptions:
+    """Sampling options of a jaxinfer.v1 request, defaults for unset fields (top_k -1 = off);
+    `validate_request` checks the values."""
     if s.top_k < -1:
         raise RequestError(f"sampling.top_k must be >= 0 (or -1 for off), got {s.top_k}")
-    top_p = _finite(s.top_p, "sampling.top_p") if s.HasField("top_p") else 1.0
-    if not 0 < top_p <= 1:
-        raise RequestError(f"sampling.top_p must be in (0, 1], got {top_p}")
-    min_p = _finite(s.min_p, "sampling.min_p")
-    if not 0 <= min_p <= 1:
-        raise RequestError(f"sampling.min_p must be in [0, 1], got {min_p}")
-    rep = (_finite(s.repetition_penalty, "sampling.repetition_penalty")
-           if s.HasField("repetition_penalty") else 1.0)
-    if rep <= 0:
-        raise RequestError(f"sampling.repetition_penalty must be > 0, got {rep}")
-    penalties = {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = _finite(getattr(s, name), f"sampling.{name}")
-        if not -2 <= value <= 2:
-            raise RequestError(f"sampling.{name} must be in [-2, 2], got {value}")
-        penalties[name] = value
-    seed = None
-    if s.HasField("seed"):
-        seed = int(s.seed)
-        if seed + n > _MAX_SEED:  # sample i uses seed + i
-            raise RequestError(f"sampling.seed must be in [0, 2**63 - n), got {seed}")
-    return SamplingOptions(temperature=temperature, top_k=max(s.top_k, 0), top_p=top_p,
-                           min_p=min_p, seed=seed, repetition_penalty=rep, **penalties)
+    return SamplingOptions(
+        temperature=s.temperature, top_k=max(s.top_k, 0),
+        top_p=s.top_p if s.HasField("top_p") else 1.0, min_p=s.min_p,
+        seed=int(s.seed) if s.HasField("seed") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty)
 
 
 def generate_request(msg: pb.GenerateRequest, *, request_id: str, tokenizer: Tokenizer | None,
@@ -198,19 +129,6 @@ def generate_request(msg: pb.GenerateRequest, *, request_id: str, tokenizer: Tok
     n = _check_n(s.n, limits, "sampling.n")
     max_tokens = _max_tokens(s.max_tokens if s.HasField("max_tokens") else None, len(prompt),
                              limits, "sampling.max_tokens")
-    sampling = sampling_options(s, n)
-    if len(s.stop) > MAX_STOP_STRINGS:
-        raise RequestError(f"sampling.stop: at most {MAX_STOP_STRINGS} stop strings")
-    for text in s.stop:
-        if not text or len(text) > MAX_STOP_STRING_CHARS:
-            raise RequestError(f"sampling.stop: each stop string needs 1 to "
-                               f"{MAX_STOP_STRING_CHARS} characters, got {len(text)}")
-    if s.stop and tokenizer is None:
-        raise PreconditionError("sampling.stop: stop strings need a tokenizer, and the model "
-                                "has none; use stop_token_ids")
-    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise RequestError(f"sampling.stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids")
-    stop_ids = _check_ids(s.stop_token_ids, limits.vocab_size, "sampling.stop_token_ids")
     logprobs = 0
     if s.HasField("logprobs"):
         if s.logprobs > limits.max_logprobs:
@@ -219,10 +137,12 @@ def generate_request(msg: pb.GenerateRequest, *, request_id: str, tokenizer: Tok
         # The engine returns the chosen token's logprob only alongside top ones; for 0, ask for
         # one and drop it when answering (see `token_logprobs`).
         logprobs = max(int(s.logprobs), 1)
-    return Request(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens,
-                   sampling=sampling, stop_token_ids=tuple(stop_ids),
-                   stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos, n=n, logprobs=logprobs,
-                   priority=int(msg.priority), deadline=deadline)
+    req = Request(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens,
+                  sampling=sampling_options(s), stop_token_ids=tuple(s.stop_token_ids),
+                  stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos, n=n, logprobs=logprobs,
+                  priority=int(msg.priority), deadline=deadline)
+    validate_request(req, limits, names=V1_NAMES)
+    return req
 
 
 def decode_request(msg: js.DecodeRequest, *, request_id: str, tokenizer: Tokenizer | None,
@@ -251,6 +171,7 @@ def decode_request(msg: js.DecodeRequest, *, request_id: str, tokenizer: Tokeniz
     max_tokens = _max_tokens(msg.max_tokens or None, len(prompt), limits, "max_tokens")
     req = Request(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens, n=n,
                   deadline=deadline)
+    validate_request(req, limits, names=JETSTREAM_NAMES)
     return req, which == "token_content"
 
 

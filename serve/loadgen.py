@@ -78,7 +78,11 @@ class RequestResult:
     error: str = ""
     ttft: float | None = None
     e2e: float | None = None
+    # Inter-token latency: a message of k tokens after a gap g adds k gaps of g / k (as
+    # SGLang's bench_serving counts a multi-token chunk); `gaps` keeps the raw gaps between
+    # messages, which a server decoding several tokens per step sends in bursts.
     itls: list[float] = dataclasses.field(default_factory=list)
+    gaps: list[float] = dataclasses.field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int = 0
     finish_reason: str = ""
@@ -259,6 +263,7 @@ def summarize(results: Sequence[RequestResult], duration_s: float, *,
     rows += _stats("ttft_ms", [r.ttft for r in done if r.ttft is not None])
     rows += _stats("tpot_ms", [t for t in (r.tpot for r in done) if t is not None])
     rows += _stats("itl_ms", [g for r in done for g in r.itls])
+    rows += _stats("inter_message_ms", [g for r in done for g in r.gaps])
     rows += _stats("e2e_ms", [r.e2e for r in done if r.e2e is not None])
     return rows
 
@@ -352,7 +357,9 @@ async def send_one(stub, request, timeout_s: float | None) -> RequestResult:
                 if last is None:
                     res.ttft = now - t0
                 else:
-                    res.itls.append(now - last)
+                    k = len(msg.token_ids)
+                    res.itls.extend([(now - last) / k] * k)
+                    res.gaps.append(now - last)
                 last = now
                 res.output_tokens += len(msg.token_ids)
             if msg.finish_reason:
@@ -517,7 +524,7 @@ async def run(args: argparse.Namespace, rates: list[float], dataset: list[Prompt
               ) -> list[dict]:
     import jax  # the version only; no backend is initialized
 
-    from jaxinfer.bench import git_sha
+    from jaxinfer.run_info import git_sha
 
     channel, stub, server = await connect(args.target, args.connect_timeout, args.tls_ca)
     pb, _ = _pb()

@@ -1,7 +1,8 @@
 """Prometheus metrics of a running server, served over HTTP on `--metrics-port`.
 
-`PrometheusMetrics` implements `serve.types.EngineMetrics`: the engine calls it from its own
-threads (prometheus_client's metric types are thread-safe and cheap), and the gRPC layer adds
+`PrometheusMetrics` is the sink `serve/engine_client.py` reports to from its output thread (the
+cores' step stats, and TTFT/ITL/e2e as the front sees them; prometheus_client's metric types are
+thread-safe and cheap), and the gRPC layer adds
 request counts by method and status code. Every metric lives in the object's own
 `CollectorRegistry`, never the process-wide default one, so two servers (or a test and a server)
 in one process never share or clash on a metric.

@@ -2,23 +2,24 @@
 
 JAX is multi-controller: a program over a mesh that spans several processes runs only when
 every process launches it, in the same order, with the same inputs. The server therefore runs
-its gRPC front, scheduler and engine on process 0 (the leader) only, and the leader's
-`BroadcastingRunner` sends each device call's host inputs to the other processes (followers)
-over a TCP connection before making the call itself; `run_follower` replays them:
+its gRPC front and its engine core (on a thread: this process must be JAX's process 0) on
+process 0, the leader, only, and the leader's `BroadcastingRunner` sends each device call's
+host inputs to the other processes (followers) over a TCP connection before making the call
+itself; `run_follower` replays them:
 
-    process 0: gRPC ─▶ Engine ─▶ BroadcastingRunner ─┬─▶ ServingRunner (its devices)
-                                                      └─ frames ─▶ process i: run_follower
-                                                                   ─▶ ServingRunner (its devices)
+    process 0: gRPC ─▶ EngineCore ─▶ BroadcastingRunner ─┬─▶ Runner (its devices)
+                                                          └─ frames ─▶ process i: run_follower
+                                                                       ─▶ Runner (its devices)
 
-The calls replayed are the engine's whole device vocabulary: `init_cache`, `init_state`,
-`compile_all`, `decode`, `prefill` (warm-up's padding runs are decode and prefill calls too),
-and `stop`. Outputs are replicated, so the
-leader reads tokens from its own copy. A frame is a 4-byte big-endian length, a JSON header
-(call, flags, and each array's name, dtype and shape) and the arrays' bytes: no pickle.
+The calls replayed are the runner's whole device vocabulary: `init_state`, `compile_all`,
+`decode`, `prefill`, `verify` (warm-up's padding runs are decode and prefill calls too), and
+`stop`. Outputs are replicated, so the leader reads tokens from its own copy. A frame is a
+4-byte big-endian length, a JSON header (call, flags, and each array's name, dtype and shape)
+and the arrays' bytes: no pickle.
 
 Limits: the connection is plain TCP on the coordinator's network (as trusted as JAX's own
 coordinator); a follower that dies leaves the leader's next collective waiting, as in any JAX
-multi-process program; the server's mesh is `tp` only here (dp = pp = 1).
+multi-process program; the server's mesh has dp = 1 here (pp and tp any).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 import numpy as np
 
 from jaxinfer.errors import ConfigError
-from jaxinfer.serve_steps import ServingRunner
+from jaxinfer.runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -150,42 +151,39 @@ def connect(address: tuple[str, int], *, timeout: float = 300.0) -> socket.socke
             time.sleep(0.2)
 
 
-class BroadcastingRunner(ServingRunner):
-    """A `ServingRunner` that first sends each device call to the followers."""
+class BroadcastingRunner(Runner):
+    """A `Runner` that first sends each device call to the followers."""
 
     def __init__(self, *args, channel: StepChannel, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.channel = channel
 
-    def init_cache(self):
-        self.channel.send("init_cache")
-        return super().init_cache()
-
-    def init_state(self):
+    def init_state(self) -> None:
         self.channel.send("init_state")
-        return super().init_state()
+        super().init_state()
 
-    def compile_all(self, cache, state, *, max_workers: int, progress=None) -> None:
+    def compile_all(self, *, max_workers: int, progress=None) -> None:
         self.channel.send("compile_all", max_workers=max_workers)
-        super().compile_all(cache, state, max_workers=max_workers, progress=progress)
+        super().compile_all(max_workers=max_workers, progress=progress)
 
-    def decode(self, cache, state, *, slots, positions, block_tables, full):
-        self.channel.send("decode", dict(slots=slots, positions=positions,
-                                         block_tables=block_tables), full=bool(full))
-        return super().decode(cache, state, slots=slots, positions=positions,
-                              block_tables=block_tables, full=full)
+    def decode(self, inputs, *, num_steps: int, full: bool):
+        self.channel.send("decode", dict(inputs=inputs), num_steps=num_steps, full=bool(full))
+        return super().decode(inputs, num_steps=num_steps, full=full)
 
-    def prefill(self, cache, state, **arrays):
-        self.channel.send("prefill", arrays)
-        return super().prefill(cache, state, **arrays)
+    def prefill(self, inputs, *, chunk: int):
+        self.channel.send("prefill", dict(inputs=inputs), chunk=chunk)
+        return super().prefill(inputs, chunk=chunk)
+
+    def verify(self, inputs, *, chunk: int, width: int):
+        self.channel.send("verify", dict(inputs=inputs), chunk=chunk, width=width)
+        return super().verify(inputs, chunk=chunk, width=width)
 
     def close(self) -> None:
         self.channel.close()
 
 
-def run_follower(runner: ServingRunner, sock: socket.socket) -> None:
+def run_follower(runner: Runner, sock: socket.socket) -> None:
     """Replay the leader's device calls until it says stop (or goes away)."""
-    cache = state = None
     while True:
         try:
             call, arrays, flags = _recv(sock)
@@ -194,15 +192,15 @@ def run_follower(runner: ServingRunner, sock: socket.socket) -> None:
             return
         if call == "stop":
             return
-        if call == "init_cache":
-            cache = runner.init_cache()
-        elif call == "init_state":
-            state = runner.init_state()
+        if call == "init_state":
+            runner.init_state()
         elif call == "compile_all":
-            runner.compile_all(cache, state, max_workers=flags["max_workers"])
+            runner.compile_all(max_workers=flags["max_workers"])
         elif call == "decode":
-            cache, state, _ = runner.decode(cache, state, full=flags["full"], **arrays)
+            runner.decode(arrays["inputs"], num_steps=flags["num_steps"], full=flags["full"])
         elif call == "prefill":
-            cache, state, _ = runner.prefill(cache, state, **arrays)
+            runner.prefill(arrays["inputs"], chunk=flags["chunk"])
+        elif call == "verify":
+            runner.verify(arrays["inputs"], chunk=flags["chunk"], width=flags["width"])
         else:
             raise ValueError(f"unknown step call {call!r} from the leader")

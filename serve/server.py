@@ -51,11 +51,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jaxinfer.config import ServeConfig
-from jaxinfer.errors import CapacityError, ConfigError, RequestError, UnavailableError
+from jaxinfer.engine.request import Limits, Output, Request
+from jaxinfer.errors import (CapacityError, ConfigError, PreconditionError, RequestError,
+                             UnavailableError)
 from serve import api
 from serve.protos import jaxinfer_v1_pb2 as pb
 from serve.protos import jetstream_pb2 as js
-from serve.types import Output, Request
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def _tolerant_parser(cls) -> Callable[[bytes], object]:
 def _status_of(exc: BaseException) -> grpc.StatusCode | None:
     if isinstance(exc, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, api.PreconditionError):
+    if isinstance(exc, PreconditionError):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -218,8 +219,8 @@ class Server:
         self.metrics = metrics
         self.state = State.STARTING
         self.port: int | None = None
-        self.info = engine.info()
-        self.limits = api.Limits.from_info(self.info)
+        self.info: dict = {}
+        self.limits: Limits | None = None  # known once the engine is warm
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._active = 0  # calls with a request in the engine
@@ -271,6 +272,9 @@ class Server:
         """Compile every bucket, start the engine and turn health SERVING."""
         t0 = time.perf_counter()
         await asyncio.to_thread(self.engine.warmup, progress=progress)
+        self.info = self.engine.info()
+        self.limits = Limits.from_info(self.info,
+                                       has_tokenizer=self.engine.tokenizer is not None)
         self.engine.start()
         if self.state is not State.STARTING:  # a shutdown came in while warming up
             return
@@ -469,6 +473,8 @@ class Server:
         return api.tokenize(msg, self.engine.tokenizer)
 
     async def _detokenize(self, msg: pb.DetokenizeRequest, context):
+        if self.limits is None:
+            raise UnavailableError("the server is warming up; retry shortly")
         return api.detokenize(msg, self.engine.tokenizer, self.limits)
 
     async def _server_info(self, msg: pb.ServerInfoRequest, context):
@@ -525,15 +531,15 @@ def _read(path: str | None, flag: str) -> bytes:
         raise ConfigError(f"{flag} {path}: {e.strerror}") from None
 
 
-def server_info(info: dict, limits: api.Limits, *, serving: bool, max_message_bytes: int,
+def server_info(info: dict, limits: Limits | None, *, serving: bool, max_message_bytes: int,
                 has_tokenizer: bool) -> pb.ServerInfoResponse:
     """`ServerInfo` from `Engine.info()` (typed fields where the engine reports them, and the
-    whole dict as JSON)."""
+    whole dict as JSON); during warm-up (no limits yet) only what is known."""
     from jaxinfer import __version__ as version
 
     m = api._model_fields(info)
     model = pb.ModelInfo(name=api.model_name(info), has_tokenizer=has_tokenizer,
-                         vocab_size=limits.vocab_size)
+                         vocab_size=limits.vocab_size if limits else 0)
     for field in ("family", "dtype", "kernels"):
         value = m.get(field, info.get(field))
         if isinstance(value, str):
@@ -556,6 +562,8 @@ def server_info(info: dict, limits: api.Limits, *, serving: bool, max_message_by
             if isinstance(mesh.get(axis), int):
                 setattr(resp.mesh, axis, mesh[axis])
         resp.mesh.devices.extend(str(d) for d in mesh.get("devices", ()) or ())
+    if limits is None:
+        return resp
     resp.limits.CopyFrom(pb.Limits(max_seq_len=limits.max_seq_len, max_tokens=limits.max_tokens,
                                    max_n=limits.max_n, max_logprobs=limits.max_logprobs,
                                    max_queue=limits.max_queue, page_size=limits.page_size,

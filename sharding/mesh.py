@@ -20,11 +20,12 @@ import logging
 import math
 from collections.abc import Sequence
 
-import jax
 import numpy as np
-from jax.experimental import mesh_utils
 
 from jaxinfer.errors import ConfigError
+
+# JAX is imported inside the functions that build meshes: MeshSpec and parse_mesh serve the
+# server's front process too, which never loads JAX (its engine cores do).
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def _hybrid_split(shape: Sequence[int], num_groups: int) -> tuple[int, ...] | No
 
 def device_grid(spec: MeshSpec, devices: Sequence[jax.Device]) -> np.ndarray:
     """Devices arranged as spec.shape: hosts over the outer axes, each host's devices inside."""
+    from jax.experimental import mesh_utils
+
     by_process: dict[int, list[jax.Device]] = {}
     for d in devices:
         by_process.setdefault(d.process_index, []).append(d)
@@ -125,6 +128,8 @@ def make_mesh(spec: MeshSpec | str = MeshSpec(), devices: Sequence[jax.Device] |
     A mesh smaller than the device count uses the first `spec.size` devices, which is only
     allowed on one process: with several processes every process must own part of the mesh.
     """
+    import jax
+
     if isinstance(spec, str):
         spec = parse_mesh(spec)
     devices = list(jax.devices() if devices is None else devices)
@@ -166,24 +171,12 @@ def check_model_fits(spec: MeshSpec, cfg) -> None:
                        "LM head are replicated instead of split", spec, cfg.vocab_size, tp)
 
 
-def check_engine_fits(spec: MeshSpec, engine) -> None:
-    """Raise ConfigError if the engine's batch buckets or page pool cannot be split over dp."""
-    dp = spec.dp
-    if engine.num_pages % dp:
-        raise ConfigError(f"mesh {spec}: dp={dp} does not divide num_pages={engine.num_pages} "
-                          "(each replica owns an equal share of the pages)")
-    bad = [b for b in engine.batch_buckets if b % dp]
-    if bad:
-        raise ConfigError(f"mesh {spec}: batch buckets {bad} are not multiples of dp={dp} "
-                          "(each replica owns an equal share of the batch slots)")
+def replica_meshes(mesh: jax.sharding.Mesh) -> list[jax.sharding.Mesh]:
+    """The mesh's dp replicas as meshes of their own (dp = 1, the same pp and tp): replica r
+    holds devices [r, :, :] of the grid. Each runs a whole engine (its own weights, KV pages
+    and slots), as vLLM's data-parallel engine cores do."""
+    import jax
 
-
-def fit_engine(spec: MeshSpec, engine):
-    """The engine config adjusted to `spec`: batch buckets and the page pool made multiples
-    of dp (a batch of 1 on dp=2 runs as a bucket of 2 with one padding row)."""
-    dp = spec.dp
-    if dp == 1:
-        return engine
-    batches = tuple(sorted({dp * -(-b // dp) for b in engine.batch_buckets}))
-    pages = dp * -(-engine.num_pages // dp)
-    return dataclasses.replace(engine, batch_buckets=batches, num_pages=pages)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return [jax.sharding.Mesh(mesh.devices[r: r + 1], MESH_AXES, axis_types=axis_types)
+            for r in range(mesh.devices.shape[0])]

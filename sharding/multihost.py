@@ -29,8 +29,6 @@ import dataclasses
 import logging
 import os
 
-import jax
-
 from jaxinfer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -108,6 +106,8 @@ def initialize(cfg: DistributedConfig) -> bool:
     Must run before the first device access of the process."""
     if not cfg.is_distributed:
         return False
+    import jax  # here: the flags above are read by processes that never touch a device
+
     try:  # gloo gives CPU processes real collectives; GPU runs ignore the setting
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, KeyError, ValueError):  # an older jax without the option
@@ -126,4 +126,6 @@ def initialize_from_args(args: argparse.Namespace) -> bool:
 
 def is_coordinator() -> bool:
     """Whether this process owns user-facing output (process 0)."""
+    import jax
+
     return jax.process_index() == 0

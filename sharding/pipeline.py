@@ -24,14 +24,15 @@ broadcast to all stages (a masked psum) so the LM head and sampling run everywhe
 
 `pipelined_decode` (multi-step decode). Decoding step k + 1 of a micro-batch needs the token
 sampled at step k, so running GPipe once per step would drain the pipeline every token. Instead
-the hand-off is cyclic: the last stage passes its output to stage 0, which samples the next
-token (LM head + sampling, `finish`) and feeds it straight back in (`inject`). With R =
-max(M, pp), micro-batch m enters stage 0 for step k at tick k*R + m, so once the pipeline is
-full every stage works on some micro-batch at every tick; the whole call takes
-(num_steps - 1) * R + M + pp ticks instead of num_steps * (M + pp - 1).
+the last stage's output is broadcast to every stage at the tick it is made; every stage turns
+it into the next token (LM head + sampling, `finish`, the same on each, so the decode state
+stays replicated and needs no broadcast at the end) and stage 0 feeds it straight back in
+(`inject`). With R = max(M, pp), micro-batch m enters stage 0 for step k at tick k*R + m, so
+once the pipeline is full every stage works on some micro-batch at every tick; the whole call
+takes (num_steps - 1) * R + M + pp - 1 ticks instead of num_steps * (M + pp - 1).
 
-    tick:      0    1    2    3    4    5    6  (pp = 2, M = 2, 3 steps)
-    stage 0:  m0   m1   m0'  m1'  m0"  m1"   .   (' = next step; stage 0 samples first)
+    tick:      0    1    2    3    4    5    6   (pp = 2, M = 2, 3 steps)
+    stage 0:  m0   m1   m0'  m1'  m0"  m1"   .   (' = next step, fed once m0 is finished)
     stage 1:   .   m0   m1   m0'  m1'  m0"  m1"
 
 In the memory-bound decode regime a stage reads its weights once per tick, whatever the
@@ -59,12 +60,17 @@ def num_microbatches(batch: int, num_stages: int) -> int:
 
 
 def broadcast_from(tree: Any, src: int | jax.Array, *, axis: str = PP_AXIS) -> Any:
-    """Every stage gets stage `src`'s value of each leaf (a masked psum over `axis`)."""
+    """Every stage gets stage `src`'s value of each leaf (a masked psum over `axis`; floats in
+    float32, which is exact here and sidesteps XLA CPU's abort on a bfloat16 psum inside a
+    shard_map)."""
     s = jax.lax.axis_index(axis)
 
     def one(a):
         if a.dtype == jnp.bool_:
             return jax.lax.psum(jnp.where(s == src, a, False).astype(jnp.int32), axis) > 0
+        if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != jnp.float32:
+            wide = jnp.where(s == src, a, jnp.zeros_like(a)).astype(jnp.float32)
+            return jax.lax.psum(wide, axis).astype(a.dtype)
         return jax.lax.psum(jnp.where(s == src, a, jnp.zeros_like(a)), axis)
 
     return jax.tree.map(one, tree)
@@ -142,48 +148,48 @@ def pipelined_decode(
     num_stages: int,
     axis: str = PP_AXIS,
 ) -> tuple[Any, Any]:
-    """`num_steps` autoregressive steps of M micro-batches on a cyclic pipeline (inside
-    shard_map; the schedule is drawn in the module docstring).
+    """`num_steps` autoregressive steps of M micro-batches on a pipeline whose last stage's
+    output goes to every stage (inside shard_map; the schedule is drawn in the module
+    docstring).
 
     Args:
       inject: `(state, m) -> packet`: stage 0's input for micro-batch m's next step, built from
         the decode state (embedded last token, positions, cache slots, lengths).
       stage_fn: `(packet, carry, m, valid) -> (packet, carry)`: this stage's layers; with
         `valid` False (bubble, or a finished schedule) cache writes must be dropped.
-      finish: `(state, packet, m, k, valid) -> state`: stage 0 turns the last stage's output
-        for micro-batch m's step k into the next token and updates the state (only where
-        `valid`; called at every tick on every stage).
-      state: the decode state; only stage 0's copy advances, and it is broadcast at the end.
+      finish: `(state, packet, m, k, valid) -> state`: turns the last stage's output for
+        micro-batch m's step k into the next token and updates the state, only where `valid`;
+        called at every tick on every stage with the same arguments.
+      state: the decode state, replicated over the stages (and kept so).
       carry: the stage's KV cache.
 
     Returns:
-      (state, carry): state as stage 0 left it, on every stage; the stage's cache.
+      (state, carry): the final state (the same on every stage); the stage's cache.
     """
     m_count, n_st = num_microbatches, num_stages
     period = max(m_count, n_st)
     s = jax.lax.axis_index(axis)
-    cyclic = [(i, (i + 1) % n_st) for i in range(n_st)]
+    forward = [(i, i + 1) for i in range(n_st - 1)]
     packet0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(inject, state, jnp.int32(0)))
 
     def tick(c, t):
         state, carry, recv = c
-        # Stage 0 first consumes what the last stage finished one tick ago: micro-batch m_r's
-        # step k_r entered stage 0 at tick t - pp.
-        u = t - n_st
-        m_r, k_r = u % period, u // period
-        done = (s == 0) & (u >= 0) & (m_r < m_count) & (k_r < num_steps)
-        state = finish(state, recv, jnp.clip(m_r, 0, m_count - 1),
-                       jnp.clip(k_r, 0, num_steps - 1), done)
-        # Then every stage runs its layers on the micro-batch it holds at this tick.
         u = t - s
         m, k = u % period, u // period
         valid = (u >= 0) & (m < m_count) & (k < num_steps)
         mc = jnp.clip(m, 0, m_count - 1)
         pkt = _select(s == 0, inject(state, mc), recv)
         pkt, carry = stage_fn(pkt, carry, mc, valid)
-        recv = jax.lax.ppermute(pkt, axis, cyclic)
+        # The last stage's output of this tick (one micro-batch's [mb, 1, D]), on every stage.
+        last = broadcast_from(pkt, n_st - 1, axis=axis)
+        u_l = t - (n_st - 1)
+        m_l, k_l = u_l % period, u_l // period
+        done = (u_l >= 0) & (m_l < m_count) & (k_l < num_steps)
+        state = finish(state, last, jnp.clip(m_l, 0, m_count - 1),
+                       jnp.clip(k_l, 0, num_steps - 1), done)
+        recv = jax.lax.ppermute(pkt, axis, forward)
         return (state, carry, recv), None
 
-    ticks = jnp.arange((num_steps - 1) * period + m_count + n_st, dtype=jnp.int32)
+    ticks = jnp.arange((num_steps - 1) * period + m_count + n_st - 1, dtype=jnp.int32)
     (state, carry, _), _ = jax.lax.scan(tick, (state, carry, packet0), ticks)
-    return broadcast_from(state, 0, axis=axis), carry
+    return state, carry

@@ -13,14 +13,14 @@ any, each maps to:
   does not divide, are the only cases where a mapped axis is dropped (`REPLICATED_IF_UNEVEN`);
   `sharding.mesh.check_model_fits` has already rejected every other uneven split, so anything
   else that does not divide is a bug and raises here.
-- Data parallel: the batch and the KV-cache page pool both map to `dp`, so each replica owns a
-  share of the batch slots and of the pages (`sharding.data_parallel`).
+- Data parallel: nothing here. A dp replica is a whole engine on its own slice of the mesh
+  (`sharding.mesh.replica_meshes`), so inside an engine dp = 1 and no array maps to it.
 - Pipeline parallel: the stacked `layers` axis of the weights and of the KV cache maps to `pp`,
   so each stage holds its layers and their cache (`sharding.pipeline`).
 
-`dp` and `pp` are run as manual axes of a `shard_map` (the runner's step functions); `tp` stays
-an automatic (GSPMD) axis. `constrain` therefore drops manual axes: inside the shard_map an
-activation is already the local block of its dp/pp shard.
+`pp` is run as a manual axis of a `shard_map` (the runner's step functions); `tp` stays an
+automatic (GSPMD) axis. `constrain` therefore drops manual axes: inside the shard_map an
+activation is already the local block of its pp stage.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ LOGICAL_AXES = (
 Rules = Mapping[str, str | None]
 
 DEFAULT_RULES: Rules = {
-    "batch": "dp",
+    "batch": None,
     "seq": None,
     "embed": None,
     "heads": "tp",
@@ -48,7 +48,7 @@ DEFAULT_RULES: Rules = {
     "head_dim": None,
     "ffn": "tp",
     "vocab": "tp",
-    "pages": "dp",
+    "pages": None,
     "page_size": None,
     "layers": "pp",
 }
@@ -137,7 +137,7 @@ def tree_shardings(mesh: jax.sharding.Mesh, axes_tree, rules: Rules = DEFAULT_RU
 
 def manual_spec(names: Sequence[str | None], manual_axes: Sequence[str],
                 rules: Rules = DEFAULT_RULES) -> PartitionSpec:
-    """The `shard_map` in/out spec of an array: only its manual (dp/pp) axes are named; the
+    """The `shard_map` in/out spec of an array: only its manual (pp) axes are named; the
     automatic tp axis is carried by the array's own sharding."""
     return logical_to_spec(names, rules, tuple(manual_axes))
 

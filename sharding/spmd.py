@@ -1,16 +1,17 @@
-"""The SPMD plumbing the runner's step functions use: `shard_map` with `dp`/`pp` manual and
-`tp` automatic, the specs it needs, and the mesh context for tracing.
+"""The SPMD plumbing the runner's step functions use: `shard_map` with `pp` manual and `tp`
+automatic, the specs it needs, and the mesh context for tracing.
 
 Why partially manual. Tensor parallelism is expressed by shardings alone: weights carry their
 logical axes and GSPMD inserts the Megatron all-reduces, so model code never names a mesh axis
-(STYLE.md rule 3). Data and pipeline parallelism need control that shardings cannot express: a
-replica must index only its own KV pages, and stages must hand activations on in a schedule.
-So the step function runs under `shard_map` over {dp, pp}: inside, arrays are the local
-replica/stage blocks and `sharding.pipeline` moves data with `ppermute`; `tp` stays automatic.
+(STYLE.md rule 3). Pipeline parallelism needs control that shardings cannot express: stages
+must hand activations on in a schedule. So with pp > 1 the step function runs under
+`shard_map` over pp: inside, arrays are the local stage's blocks and `sharding.pipeline` moves
+data with `ppermute`; `tp` stays automatic. (Data-parallel replicas are separate engines, each
+on its own dp slice of the mesh: `sharding.mesh.replica_meshes`.)
 
 Kernels under tensor parallelism. A `pallas_call` is opaque to GSPMD, which would gather its
 operands whole onto every device; `over_tp` runs such a function per tp shard instead (a
-shard_map whose only manual axis is `tp`, nested inside the step's dp/pp shard_map if there is
+shard_map whose only manual axis is `tp`, nested inside the step's pp shard_map if there is
 one), with the caller naming how each operand splits (`jaxinfer.ops` splits attention by heads).
 
 Version guards: `jax.shard_map` (jax >= 0.7) with `axis_names`/`check_vma`, else
@@ -29,8 +30,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding.rules import logical_to_spec
 
-MANUAL_AXES = ("dp", "pp")
-
 
 def mesh_context(mesh: jax.sharding.Mesh) -> contextlib.AbstractContextManager:
     """Context in which `sharding.constrain` sees `mesh` while a step is traced."""
@@ -39,14 +38,6 @@ def mesh_context(mesh: jax.sharding.Mesh) -> contextlib.AbstractContextManager:
     if hasattr(jax.sharding, "use_mesh"):
         return jax.sharding.use_mesh(mesh)
     return mesh
-
-
-def manual_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
-    """The axes a step must run manually: dp and pp when either is larger than 1, else none
-    (a tp-only or one-device mesh needs no shard_map at all)."""
-    if all(mesh.shape.get(a, 1) == 1 for a in MANUAL_AXES):
-        return ()
-    return tuple(a for a in MANUAL_AXES if a in mesh.axis_names)
 
 
 def manual_part(spec: PartitionSpec, manual: Sequence[str]) -> PartitionSpec:
@@ -69,16 +60,6 @@ def specs_of(tree: Any, manual: Sequence[str]) -> Any:
     return jax.tree.map(one, tree)
 
 
-def batch_spec(axis: int = 0) -> PartitionSpec:
-    """The spec splitting dimension `axis` over dp (the batch axis of an input or output)."""
-    return PartitionSpec(*([None] * axis), "dp")
-
-
-def batch_specs(tree: Any, *, axis: int = 0) -> Any:
-    """`batch_spec` for every leaf of `tree` (batch-major inputs/outputs)."""
-    return jax.tree.map(lambda a: batch_spec(axis), tree)
-
-
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Every device holds the whole array (outputs every process can read)."""
     return NamedSharding(mesh, PartitionSpec())
@@ -86,7 +67,7 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def shard_map(fn: Callable, mesh: jax.sharding.Mesh, in_specs: Any, out_specs: Any,
               manual: Sequence[str]) -> Callable:
-    """`fn` run per (dp, pp) block with the other mesh axes automatic."""
+    """`fn` run per block of the `manual` axes, the other mesh axes automatic."""
     manual = frozenset(manual)
     if hasattr(jax, "shard_map"):
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,

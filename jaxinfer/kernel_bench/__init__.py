@@ -55,7 +55,7 @@ def time_kernel(fn: Callable, arg_sets: Sequence[tuple], *, iterations: int = 20
 
 def base_row(**fields) -> dict:
     """Fields every kernel row carries (STYLE.md rule 17)."""
-    from jaxinfer.bench import device_name, git_sha
+    from jaxinfer.run_info import device_name, git_sha
     return dict(name="kernels", device=device_name(), jax_version=jax.__version__,
                 git_sha=git_sha(), timer="cupti" if on_gpu() else "wall", **fields)
 

@@ -78,14 +78,14 @@ class DecoderLayers(nnx.Module):
 def _layer(cfg: ModelConfig, kernels: Kernels, w: dict[str, jax.Array], layer: jax.Array,
            x: jax.Array, cache: PagedKVCache, cos: jax.Array, sin: jax.Array,
            positions: jax.Array, block_tables: jax.Array, seq_lens: jax.Array,
-           slots: jax.Array) -> tuple[jax.Array, PagedKVCache]:
+           slots: jax.Array, reduce_dtype: str | None) -> tuple[jax.Array, PagedKVCache]:
     """One decoder block on x [B, T, D] with the layer's weights `w`: sliced (no leading axis),
     or whole stacks read at `layer` (quantized weights; float projections at decode with the
     Pallas kernels, see `Llama.run_layers`)."""
 
     def linear(h, name, contract=1):
         return ops.linear(h, w[name], contract=contract, layer=layer, kernels=kernels,
-                          axes=PROJECTION_AXES[name])
+                          axes=PROJECTION_AXES[name], reduce_dtype=reduce_dtype)
 
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
     q = linear(h, "wq")  # [B, T, N, H]
@@ -147,16 +147,19 @@ class Llama(nnx.Module):
         *,
         kernels: Kernels = "reference",
         unroll_layers: int | bool = 1,
+        reduce_dtype: str | None = None,  # tp all-reduce dtype override (ops.tp_reduce_dtype)
     ) -> tuple[jax.Array, PagedKVCache]:
         """Run the decoder; returns the final-normed hidden states [B, T, D] and the cache."""
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens, reduce_dtype=reduce_dtype)
         x, cache = self.run_layers(x, positions, cache, block_tables, seq_lens, slots,
-                                   kernels=kernels, unroll_layers=unroll_layers)
+                                   kernels=kernels, unroll_layers=unroll_layers,
+                                   reduce_dtype=reduce_dtype)
         return self.norm(x), cache
 
-    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    def embed_tokens(self, tokens: jax.Array, *, reduce_dtype: str | None = None) -> jax.Array:
         """tokens [B, T] -> embeddings [B, T, D]."""
-        return constrain(ops.embedding(self.embed[...], tokens), ("batch", "seq", "embed"))
+        return constrain(ops.embedding(self.embed[...], tokens, reduce_dtype=reduce_dtype),
+                         ("batch", "seq", "embed"))
 
     def run_layers(
         self,
@@ -169,6 +172,7 @@ class Llama(nnx.Module):
         *,
         kernels: Kernels = "reference",
         unroll_layers: int | bool = 1,
+        reduce_dtype: str | None = None,
     ) -> tuple[jax.Array, PagedKVCache]:
         """Run the layers this module holds on x [B, T, D]. Under pipeline parallelism that is
         one stage's share: its stacked weights and its cache hold only the stage's layers
@@ -189,7 +193,7 @@ class Llama(nnx.Module):
             x, cache = carry
             w, layer = xs
             x, cache = _layer(cfg, kernels, {**w, **stacked}, layer, x, cache, cos, sin,
-                              positions, block_tables, seq_lens, slots)
+                              positions, block_tables, seq_lens, slots, reduce_dtype)
             return (x, _constrain_cache(cache)), None
 
         layer_ids = jnp.arange(weights["attn_norm"].shape[0], dtype=jnp.int32)

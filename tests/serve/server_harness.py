@@ -74,7 +74,7 @@ class RealServer:
     engine: object
     metrics: object
     tokenizer: object
-    offline: Callable[[list[list[int]], int], list[list[int]]]  # greedy Generator tokens
+    offline: Callable[[list[list[int]], int], list[list[int]]]  # greedy offline (LLM) tokens
     pages_used: Callable[[], int]
 
 
@@ -89,33 +89,30 @@ def shared_real_server(config) -> RealServer:
     import jax
 
     from jaxinfer.config import EngineConfig
-    from jaxinfer.generate import Generator
+    from jaxinfer.engine.core import EngineCore
+    from jaxinfer.engine.llm import LLM
     from jaxinfer.model_loader import load_model
-    from serve.engine import Engine
+    from serve.engine_client import EngineClient
     from serve.metrics import PrometheusMetrics
     from sharding.mesh import make_mesh
 
     mesh = make_mesh("dp=1,pp=1,tp=1", devices=jax.devices()[:1])
     loaded = load_model("dummy", mesh=mesh, dtype="float32", seed=0)
     engine_cfg = EngineConfig(page_size=16, num_pages=1024, max_seq_len=MAX_SEQ_LEN,
-                              prefill_buckets=(32,), batch_buckets=(32,), decode_steps=4,
-                              dtype="float32", serve_decode_buckets=(8, 32),
-                              serve_prefill_buckets=(32,), serve_prefill_rows=(1, 4),
-                              serve_page_buckets=(8, 32),
-                              max_num_batched_tokens=128, max_n=4, max_logprobs=5)
+                              dtype="float32", batch_buckets=(8, 32), prefill_buckets=(32,),
+                              prefill_rows=(1, 4), max_num_batched_tokens=128, decode_steps=4,
+                              max_n=4, max_logprobs=5)
     metrics = PrometheusMetrics()
-    engine = Engine(loaded, engine_cfg, mesh=mesh, max_queue=MAX_QUEUE, metrics=metrics)
+    engine = EngineClient.in_process([EngineCore.create(loaded, engine_cfg, mesh=mesh)],
+                                     tokenizer=loaded.tokenizer, max_queue=MAX_QUEUE,
+                                     metrics=metrics)
     cfg = ServeConfig(port=0, max_queue=MAX_QUEUE, max_message_bytes=MAX_MESSAGE_BYTES)
     bg = BackgroundServer(engine, cfg, metrics=metrics)
-    gen_cfg = dataclasses.replace(engine_cfg, num_pages=32 * 8)
-    generator = Generator(loaded, gen_cfg, mesh=mesh)
+    generator = LLM.from_loaded(loaded, engine_cfg, mesh=mesh)  # the same programs, offline
 
     def offline(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        out = []
-        for i in range(0, len(prompts), 32):
-            out += [c.token_ids for c in generator.generate(prompts[i: i + 32],
-                                                             max_new_tokens=max_tokens)]
-        return out
+        reqs = [generator.request(p, max_tokens=max_tokens) for p in prompts]
+        return [c[0].token_ids for c in generator.generate(reqs)]
 
     def pages_used() -> int:
         return int(engine.stats()["pages_used"])

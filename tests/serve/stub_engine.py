@@ -1,4 +1,4 @@
-"""A test double of `serve.engine.Engine` whose outputs can be worked out by hand, for testing
+"""A test double of `serve.engine_client.EngineClient` whose outputs can be worked out by hand, for testing
 the gRPC layer quickly and without JAX (the integration tests use the real engine).
 
 Sample i of a request emits, at its j-th generated position, the byte
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from jaxinfer.errors import CapacityError, RequestError, UnavailableError
 from jaxinfer.tokenizer import ByteTokenizer
-from serve.types import Output, Request, TokenLogprob, Usage
+from jaxinfer.engine.request import Output, Request, TokenLogprob, Usage
 
 FAIL_TOKEN = 300  # a prompt containing this id makes the "engine" fail that request
 
@@ -135,7 +135,7 @@ class StubEngine:
             "limits": {"max_seq_len": self.max_seq_len, "max_tokens": self.max_tokens,
                        "max_n": self.max_n, "max_logprobs": self.max_logprobs,
                        "max_queue": self.max_queue, "page_size": self.page_size,
-                       "num_pages": self.num_pages},
+                       "num_pages": self.num_pages, "max_stop_token_ids": 64},
         }
 
     def stats(self) -> dict:

@@ -1,6 +1,8 @@
-"""The serving engine on a tiny real model (CPU): exact greedy tokens against offline
-generation under concurrency, prefix sharing and preemption; cancellation, deadlines, failure
-isolation, stop conditions, seeds, logprobs, penalties, drain; zero recompiles after warm-up.
+"""The serving engine (front + engine core, the core on a thread here) on a tiny real model
+(CPU): exact greedy tokens against offline generation under concurrency, prefix sharing and
+preemption; offline equals served for the same requests (greedy, seeded samples, penalties,
+logprobs); cancellation, deadlines, failure isolation, stop conditions (inside multi-step
+decode runs too), validation, drain; zero recompiles after warm-up.
 
 The model is the `dummy` shape with untied embeddings and layer weights scaled up, so its next
 token depends on the whole context (the plain `dummy` mostly repeats its last token, which
@@ -17,23 +19,23 @@ import numpy as np
 import pytest
 
 from jaxinfer.config import PRESETS, EngineConfig
+from jaxinfer.engine.core import EngineCore
+from jaxinfer.engine.llm import LLM
+from jaxinfer.engine.request import Request, SamplingOptions
 from jaxinfer.errors import CapacityError, RequestError, UnavailableError
-from jaxinfer.generate import Generator
-from jaxinfer.kv_cache import pages_needed
 from jaxinfer.model_loader import LoadedModel, random_params
-from jaxinfer.sampling import SamplingParams, row_keys
 from jaxinfer.tokenizer import ByteTokenizer
-from serve.engine import Engine
-from serve.types import Request, SamplingOptions
+from serve.engine_client import EngineClient
 from sharding.mesh import make_mesh
 
 SERVE = dict(page_size=4, max_seq_len=64, dtype="float32", max_num_batched_tokens=16,
-             serve_decode_buckets=(2, 4), serve_prefill_buckets=(8, 16),
-             serve_prefill_rows=(1, 2), max_logprobs=3, max_n=2)
+             batch_buckets=(2, 4), prefill_buckets=(8, 16), prefill_rows=(1, 2),
+             max_logprobs=3, max_n=2, decode_steps=4)
 # 24 pages of 4 tokens: four long requests do not fit at once, so some are preempted.
 ENGINE = EngineConfig(num_pages=24, **SERVE)
 OFFLINE = EngineConfig(page_size=4, num_pages=400, max_seq_len=128, dtype="float32",
-                       prefill_buckets=(16,), batch_buckets=(16,), decode_steps=8)
+                       prefill_buckets=(16,), prefill_rows=(16,), batch_buckets=(16,),
+                       max_num_batched_tokens=256, decode_steps=8, max_logprobs=3, max_n=2)
 
 
 def _model(mesh) -> LoadedModel:
@@ -60,7 +62,8 @@ def model(mesh):
 
 @pytest.fixture(scope="module")
 def engine(model, mesh):
-    eng = Engine(model, ENGINE, mesh=mesh, max_queue=64)
+    eng = EngineClient.in_process([EngineCore.create(model, ENGINE, mesh=mesh)],
+                                  tokenizer=model.tokenizer, max_queue=64)
     eng.warmup(progress=False)
     eng.start()
     yield eng
@@ -69,20 +72,27 @@ def engine(model, mesh):
 
 @pytest.fixture(scope="module")
 def offline(model, mesh):
-    gen = Generator(model, OFFLINE, mesh=mesh)
+    """Offline generation (the same engine core code, its own core and buckets)."""
+    llm = LLM.from_loaded(model, OFFLINE, mesh=mesh)
     cache = {}
 
     def greedy(prompts, max_new):
         """Greedy tokens of each prompt, generated offline in one batch (rows independent)."""
         todo = [p for p in prompts if (tuple(p), max_new) not in cache]
-        for i in range(0, len(todo), 16):
-            part = todo[i: i + 16]
-            for p, c in zip(part, gen.generate(part, max_new_tokens=max_new)):
-                cache[(tuple(p), max_new)] = c.token_ids
+        if todo:
+            reqs = [llm.request(p, max_tokens=max_new) for p in todo]
+            for p, c in zip(todo, llm.generate(reqs)):
+                cache[(tuple(p), max_new)] = c[0].token_ids
         return [cache[(tuple(p), max_new)] for p in prompts]
 
-    gen.greedy = greedy
-    return gen
+    llm.greedy = greedy
+    return llm
+
+
+@pytest.fixture(scope="module")
+def same_offline(model, mesh):
+    """Offline generation with exactly the server's engine config."""
+    return LLM.from_loaded(model, ENGINE, mesh=mesh)
 
 
 class Collector:
@@ -255,19 +265,24 @@ def test_stop_conditions(engine, offline):
     assert col.text("sstr") == full_text[: full_text.index(stop)]
     assert col.final("sstr").finish_reason == "stop"
     assert len(col.tokens("sstr")) < len(ref)
-    # EOS: make the 6th token the model's EOS for this check (the scheduler reads eos_ids).
-    eos = engine.scheduler.eos_ids
-    engine.scheduler.eos_ids = frozenset({ref[5]})
-    try:
-        submit(engine, col, "eos", p, 40)
-        submit(engine, col, "ign", p, 10, ignore_eos=True)
-        col.wait(["eos", "ign"])
-    finally:
-        engine.scheduler.eos_ids = eos
-    assert col.tokens("eos") == ref[: ref.index(ref[5]) + 1]
-    assert col.final("eos").finish_reason == "stop"
-    assert col.tokens("ign") == ref[:10] and col.final("ign").finish_reason == "length"
     wait_idle(engine)
+
+
+def test_eos_inside_a_multi_step_run(model, mesh, offline):
+    """The device stops a row at EOS (unless ignore_eos) in the middle of a decode dispatch:
+    a model whose EOS is the 6th greedy token, decoding 4 tokens per dispatch."""
+    p = [256, 77, 78, 79]
+    ref = offline.greedy([p], 40)[0]
+    eos = ref[5]
+    cfg = dataclasses.replace(model.cfg, eos_token_ids=(eos,))
+    llm = LLM.from_loaded(dataclasses.replace(model, cfg=cfg),
+                          dataclasses.replace(ENGINE, batch_buckets=(2,)), mesh=mesh)
+    eos_out, ign = llm.generate([llm.request(p, max_tokens=40),
+                                 llm.request(p, max_tokens=10, ignore_eos=True)])
+    assert eos_out[0].token_ids == ref[: ref.index(eos) + 1]
+    assert eos_out[0].finish_reason == "stop"
+    assert ign[0].token_ids == ref[:10] and ign[0].finish_reason == "length"
+    assert llm.pages_used() == 0
 
 
 def test_n2_seeded_samples_reproducible_and_match_offline(engine, offline):
@@ -282,8 +297,7 @@ def test_n2_seeded_samples_reproducible_and_match_offline(engine, offline):
     b = [col.tokens("s2", i) for i in range(2)]
     assert a == b and a[0] != a[1]
     assert col.final("s1", 1).usage is not None or col.final("s1", 0).usage is not None
-    sp = SamplingParams.make(2, temperature=1.0, top_p=0.95)
-    ref = offline.generate([p, p], max_new_tokens=12, sampling=sp, seeds=[7, 8])
+    ref = offline.generate([offline.request(p, max_tokens=12, n=2, sampling=opts)])[0]
     assert a == [expected(r.token_ids, 12) for r in ref]
     wait_idle(engine)
 
@@ -316,28 +330,55 @@ def test_penalties_follow_host_reference(engine, offline, model):
     submit(engine, col, "pen", p, 8, sampling=opts)
     col.wait(["pen"])
     # Host reference: full logits of the sequence so far, penalized with numpy, argmax.
-    runner, alloc = offline.runner, offline.allocator
     seq, out = list(p), []
-    pages = alloc.allocate(pages_needed(len(p) + 8, 4))
-    try:
-        for _ in range(8):
-            cache, _, logits = runner.prefill(
-                offline.cache, tokens=[np.asarray(seq, np.int32)], start=[0],
-                block_tables=[pages], sampling=SamplingParams.make(1), keys=row_keys([0]))
-            offline.cache = cache
-            lg = np.asarray(logits)[0].astype(np.float64)
-            seen = np.zeros_like(lg, bool)
-            seen[seq] = True
-            counts = np.bincount(out, minlength=lg.size)
-            lg = np.where(seen, np.where(lg > 0, lg / 1.5, lg * 1.5), lg)
-            lg = lg - 0.7 * counts - 0.4 * (counts > 0)
-            out.append(int(np.argmax(lg)))
-            seq.append(out[-1])
-            if out[-1] == 257:
-                break
-    finally:
-        alloc.free(pages)
+    for _ in range(8):
+        lg = offline.prompt_logits(seq)[-1].astype(np.float64)
+        seen = np.zeros_like(lg, bool)
+        seen[seq] = True
+        counts = np.bincount(out, minlength=lg.size)
+        lg = np.where(seen, np.where(lg > 0, lg / 1.5, lg * 1.5), lg)
+        lg = lg - 0.7 * counts - 0.4 * (counts > 0)
+        out.append(int(np.argmax(lg)))
+        seq.append(out[-1])
+        if out[-1] == 257:
+            break
     assert col.tokens("pen") == out
+    assert offline.pages_used() == 0
+
+
+def test_offline_equals_served(engine, same_offline):
+    """The same requests offline (LLM) and served, on the same engine config: greedy, seeded
+    samples (n=2), penalties and logprobs give the same tokens and logprobs."""
+    prompts = [[256, 10, 20, 30], [256, 7, 7, 7, 7, 8], [256, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    kinds = [dict(),
+             dict(sampling=SamplingOptions(temperature=0.9, top_k=20, top_p=0.9, seed=11), n=2),
+             dict(sampling=SamplingOptions(temperature=0.7, min_p=0.05, seed=3,
+                                           repetition_penalty=1.3, presence_penalty=0.5,
+                                           frequency_penalty=0.2)),
+             dict(logprobs=3),
+             dict(sampling=SamplingOptions(temperature=1.0, seed=5), logprobs=2)]
+    col = Collector()
+    offline_reqs, ids = [], []
+    for i, p in enumerate(prompts):
+        for j, kw in enumerate(kinds):
+            rid = f"eq{i}-{j}"
+            submit(engine, col, rid, p, 14, **kw)
+            offline_reqs.append(same_offline.request(p, max_tokens=14, **kw))
+            ids.append((rid, kw.get("n", 1)))
+    col.wait([rid for rid, _ in ids])
+    results = same_offline.generate(offline_reqs)
+    for (rid, n), samples in zip(ids, results):
+        for c in samples:
+            assert col.tokens(rid, c.index) == c.token_ids, (rid, c.index)
+            assert col.final(rid, c.index).finish_reason == c.finish_reason
+            if c.logprobs is not None:
+                served = [lp for o in col.outs[rid] if o.index == c.index for lp in o.logprobs]
+                assert len(served) == len(c.logprobs)
+                for a, b in zip(served, c.logprobs):  # batch composition: float rounding only
+                    assert a.token_id == b.token_id and [t for t, _ in a.top] == [
+                        t for t, _ in b.top]
+                    assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+    wait_idle(engine)
 
 
 def test_validation_and_capacity(engine):
@@ -362,7 +403,8 @@ def test_validation_and_capacity(engine):
         engine.max_queue = limit
     info = engine.info()
     assert info["limits"]["max_seq_len"] == 64 and info["limits"]["num_pages"] == 24
-    assert info["programs"] == len(engine.runner.program_keys()) == 11  # 4 + 4 samplers + 3
+    # decode (B 2, 4) x (1, 4 steps) x (greedy, full) + prefill (1, 8), (1, 16), (2, 8)
+    assert info["programs"] == 11
 
 
 def test_drain_then_unavailable_and_no_recompiles(engine):

@@ -255,8 +255,8 @@ def real_server():
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
     # Small buckets keep the CPU warm-up short.
     flags = ["--max-seq-len", "64", "--num-pages", "64", "--decode-steps", "2",
-             "--dtype", "float32", "--serve-decode-buckets", "8", "--serve-prefill-buckets", "32",
-             "--serve-prefill-rows", "1", "--max-num-batched-tokens", "64"]
+             "--dtype", "float32", "--batch-buckets", "8", "--prefill-buckets", "32",
+             "--prefill-rows", "1", "--max-num-batched-tokens", "64"]
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", "dummy", "--host",
                              "127.0.0.1", "--port", str(port), *flags], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

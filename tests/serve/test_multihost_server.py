@@ -1,6 +1,6 @@
 """Multi-host serving on one machine: two `python -m serve` processes with one CPU device each
 join through `jax.distributed` and serve a tp=2 mesh that spans both. Process 0 runs gRPC and
-the scheduler and sends each device step to process 1 (`serve/multihost.py`); the tokens must
+the engine core (on a thread) and sends each device step to process 1 (`serve/multihost.py`); the tokens must
 be those of one process on one device, and SIGTERM to process 0 must stop both with exit 0."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import grpc
 import jax
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.generate import Generator
+from jaxinfer.engine.llm import LLM
 from jaxinfer.model_loader import load_model
 from serve.protos import jaxinfer_v1_pb2 as pb
 from serve.protos import jaxinfer_v1_pb2_grpc as pbg
@@ -37,10 +37,12 @@ def _free_port() -> int:
 def _one_device_tokens() -> list[list[int]]:
     mesh = make_mesh("dp=1", devices=jax.devices()[:1])
     loaded = load_model("dummy", mesh=mesh, dtype="float32", seed=0)
-    gen = Generator(loaded, EngineConfig(page_size=16, num_pages=64, max_seq_len=128,
-                                         dtype="float32", batch_buckets=(2,),
-                                         prefill_buckets=(16,)), mesh=mesh)
-    return [c.token_ids for c in gen.generate(PROMPTS, max_new_tokens=MAX_TOKENS)]
+    llm = LLM.from_loaded(loaded, EngineConfig(page_size=16, num_pages=64, max_seq_len=128,
+                                               dtype="float32", batch_buckets=(2,),
+                                               prefill_buckets=(16,), prefill_rows=(2,),
+                                               max_num_batched_tokens=32), mesh=mesh)
+    reqs = [llm.request(p, max_tokens=MAX_TOKENS, ignore_eos=True) for p in PROMPTS]
+    return [c[0].token_ids for c in llm.generate(reqs)]
 
 
 def test_two_process_server_serves_one_device_tokens(tmp_path):
@@ -50,8 +52,8 @@ def test_two_process_server_serves_one_device_tokens(tmp_path):
                XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     argv = [sys.executable, "-m", "serve", "--model", "dummy", "--mesh", "tp=2",
-            "--port", str(grpc_port), "--serve-decode-buckets", "2,4",
-            "--serve-prefill-buckets", "16,32", "--num-pages", "64",
+            "--port", str(grpc_port), "--batch-buckets", "2,4",
+            "--prefill-buckets", "16,32", "--num-pages", "64",
             "--coordinator", f"127.0.0.1:{coord}", "--num-processes", "2",
             "--step-port", str(_free_port())]
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]

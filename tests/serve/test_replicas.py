@@ -1,30 +1,47 @@
-"""Data-parallel serving: `--mesh dp=2` builds two engine replicas on their own devices that
-serve as one (CPU, 8 fake devices, the `dummy` preset)."""
+"""Serving on meshes (CPU, 8 fake devices, the `dummy` preset): `--mesh dp=2,tp=2` starts two
+engine-core processes on devices of their own that serve as one; `pp=2` and `pp=2,tp=2` run
+one pipelined core. Every mesh serves the tokens one device serves."""
 
 import threading
 
 import pytest
 
-from jaxinfer.errors import ConfigError, RequestError
+from jaxinfer.engine.request import Request
+from jaxinfer.errors import RequestError
 from serve.__main__ import build_engine, build_parser, engine_config
-from serve.replicas import ReplicatedEngine, SummedStateMetrics
-from serve.types import Request
 
+# One batch bucket, one prefill shape, 4-token decode dispatches: 5 programs per core.
 FLAGS = ["--model", "dummy", "--page-size", "4", "--num-pages", "24", "--max-seq-len", "64",
-         "--dtype", "float32", "--max-num-batched-tokens", "16", "--serve-decode-buckets", "2,4",
-         "--serve-prefill-buckets", "8,16", "--serve-prefill-rows", "1,2", "--max-n", "2"]
+         "--dtype", "float32", "--max-num-batched-tokens", "32", "--batch-buckets", "4",
+         "--prefill-buckets", "16", "--prefill-rows", "2", "--decode-steps", "4",
+         "--max-n", "2", "--log-level", "WARNING"]
 PROMPTS = [[(7 * i + j) % 50 + 3 for j in range(5 + 3 * i)] for i in range(8)]
 
 
-def _engine(mesh: str):
-    args = build_parser().parse_args(FLAGS + ["--mesh", mesh])
-    eng = build_engine(args, engine_config(args, default_dtype="float32"), max_queue=16)
+class Sink:
+    """Records the state gauges the front reports."""
+
+    def __init__(self):
+        self.states = []
+
+    def set_state(self, **kw):
+        self.states.append(kw)
+
+    def __getattr__(self, name):  # every other metric: ignored
+        return lambda *a, **k: None
+
+
+def _engine(mesh: str, *, in_process: bool, metrics=None):
+    extra = ["--engine-in-process"] if in_process else []
+    args = build_parser().parse_args(FLAGS + ["--mesh", mesh] + extra)
+    eng = build_engine(args, engine_config(args, default_dtype="float32"), max_queue=16,
+                       metrics=metrics)
     eng.warmup(progress=False)
     eng.start()
     return eng
 
 
-def _run(eng, prompts, max_tokens=6) -> list[list[int]]:
+def _run(eng, prompts, max_tokens=6, prefix="r") -> list[list[int]]:
     done = [threading.Event() for _ in prompts]
     tokens: list[list[int]] = [[] for _ in prompts]
 
@@ -36,89 +53,75 @@ def _run(eng, prompts, max_tokens=6) -> list[list[int]]:
         return on_output
 
     for i, p in enumerate(prompts):
-        eng.submit(Request(request_id=f"r{i}", prompt_ids=p, max_tokens=max_tokens,
+        eng.submit(Request(request_id=f"{prefix}{i}", prompt_ids=p, max_tokens=max_tokens,
                            ignore_eos=True), callback(i))
     for d in done:
-        assert d.wait(60)
+        assert d.wait(120)
     return tokens
 
 
 @pytest.fixture(scope="module")
-def engines():
-    one, two = _engine("dp=1"), _engine("dp=2")
-    yield one, two
-    one.stop()
-    two.stop()
+def one():
+    eng = _engine("dp=1", in_process=True)
+    yield eng, _run(eng, PROMPTS)
+    eng.stop()
 
 
-def test_two_replicas_serve_the_one_device_tokens(engines):
-    one, two = engines
-    assert isinstance(two, ReplicatedEngine) and len(two.replicas) == 2
-    devices = [tuple(r.mesh.devices.flat) for r in two.replicas]
-    assert devices[0] != devices[1]  # each replica on its own device
-    want = _run(one, PROMPTS)
+@pytest.fixture(scope="module")
+def two():
+    sink = Sink()
+    eng = _engine("dp=2,tp=2", in_process=False, metrics=sink)
+    eng.sink = sink
+    yield eng
+    eng.stop()
+
+
+def test_two_replica_processes_serve_the_one_device_tokens(one, two):
+    _, want = one
     assert _run(two, PROMPTS) == want
-    # Both replicas did work, and every page came back.
-    steps = [r.stats()["steps"] for r in two.replicas]
-    assert all(s > 0 for s in steps), steps
-    assert two.drain(30)
-    assert all(r.scheduler.kv.num_used == 0 for r in two.replicas)
-
-
-def test_info_and_stats_cover_the_whole_server(engines):
-    _, two = engines
     info = two.info()
-    assert info["mesh"]["dp"] == 2 and len(info["mesh"]["devices"]) == 2
+    pids = info["engine_pids"]
+    assert len(set(pids)) == 2 and all(p for p in pids)  # two engine-core processes
+    # Both replicas did work; every page came back; the gauges are the sums over replicas.
+    assert all(r.stats.get("steps", 0) > 0 for r in two._replicas)
+    assert two.drain(30)
+    _wait(lambda: two.stats()["pages_used"] == 0)
+    assert two.sink.states[-1]["pages_free"] == 48 and two.sink.states[-1]["running"] == 0
+
+
+def test_info_and_stats_cover_the_whole_server(two):
+    info = two.info()
+    assert info["mesh"]["dp"] == 2 and len(info["mesh"]["devices"]) == 4
+    assert info["mesh"]["tp"] == 2
     assert info["limits"]["num_pages"] == 48 and info["limits"]["max_running"] == 8
     assert two.stats()["replicas"] == 2 and two.num_recompiles == 0
 
 
-def test_pipeline_mesh_is_refused_with_a_reason():
-    args = build_parser().parse_args(FLAGS + ["--mesh", "dp=2,pp=2"])
-    with pytest.raises(ConfigError, match="pp=2"):
-        build_engine(args, engine_config(args, default_dtype="float32"), max_queue=4)
+@pytest.mark.parametrize("mesh", ["pp=2", "pp=2,tp=2"])
+def test_pipeline_meshes_serve_the_one_device_tokens(one, mesh):
+    _, want = one
+    eng = _engine(mesh, in_process=True)
+    try:
+        assert _run(eng, PROMPTS) == want
+        assert eng.info()["mesh"]["pp"] == 2 and eng.num_recompiles == 0
+    finally:
+        eng.stop()
 
 
-def test_duplicate_id_across_replicas_is_rejected():
-    class Fake:
-        tokenizer = None
-
-        def __init__(self, ids):
-            self.ids, self.got = set(ids), []
-
-        def in_flight(self, rid):
-            return rid in self.ids
-
-        def num_in_flight(self):
-            return len(self.ids)
-
-        def submit(self, req, cb):
-            self.got.append(req.request_id)
-            self.ids.add(req.request_id)
-
-    a, b = Fake({"x"}), Fake(set())
-    eng = ReplicatedEngine([a, b])
+def test_duplicate_id_in_flight_is_rejected(one):
+    eng, _ = one
+    done = threading.Event()
+    eng.submit(Request(request_id="dup", prompt_ids=[1, 2], max_tokens=30, ignore_eos=True),
+               lambda out: out.finish_reason and done.set())
     with pytest.raises(RequestError, match="already in flight"):
-        eng.submit(Request(request_id="x", prompt_ids=[1], max_tokens=1), print)
-    eng.submit(Request(request_id="y", prompt_ids=[1], max_tokens=1), print)
-    eng.submit(Request(request_id="z", prompt_ids=[1], max_tokens=1), print)
-    assert b.got == ["y"] and a.got == ["z"]  # least loaded first, ties to the lower index
+        eng.submit(Request(request_id="dup", prompt_ids=[1], max_tokens=1), print)
+    assert done.wait(60)
 
 
-def test_state_gauges_are_summed_over_replicas():
-    seen = []
+def _wait(cond, timeout=20.0):
+    import time
 
-    class Sink:
-        def set_state(self, **kw):
-            seen.append(kw)
-
-        def observe_ttft(self, s):
-            seen.append(("ttft", s))
-
-    v0, v1 = SummedStateMetrics.views(Sink(), 2)
-    v0.set_state(queued=1, running=2, batch_occupancy=0.5, pages_used=3, pages_free=5)
-    v1.set_state(queued=4, running=1, batch_occupancy=0.25, pages_used=1, pages_free=7)
-    assert seen[-1] == dict(queued=5, running=3, batch_occupancy=0.375, pages_used=4,
-                            pages_free=12)
-    v1.observe_ttft(0.1)
-    assert seen[-1] == ("ttft", 0.1)
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met"
+        time.sleep(0.05)

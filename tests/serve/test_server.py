@@ -699,9 +699,9 @@ class _Lines:
 
 def test_sigterm_drains_then_exits_0():
     cmd = [sys.executable, "-m", "serve", "--model", "dummy", "--port", "0", "--metrics-port",
-           "0", "--max-seq-len", "512", "--num-pages", "64", "--serve-decode-buckets", "4",
-           "--serve-prefill-buckets", "16", "--serve-prefill-rows", "1",
-           "--max-num-batched-tokens", "16", "--serve-page-buckets", "32"]
+           "0", "--max-seq-len", "512", "--num-pages", "64", "--batch-buckets", "4",
+           "--prefill-buckets", "16", "--prefill-rows", "1",
+           "--max-num-batched-tokens", "16", "--page-buckets", "32"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
     lines = _Lines(proc.stderr)
     try:
@@ -751,6 +751,44 @@ def test_sigterm_during_warm_up_exits_0_at_once():
         assert proc.wait(30) == 0
         assert time.monotonic() - t0 < 10  # did not sit out the warm-up
         lines.wait(r"SIGTERM during warm-up: exiting", 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_engine_core_death_ends_streams_unavailable_and_the_server_exits_1():
+    """The engine core runs in its own process (the front imports no JAX at all); killed
+    mid-stream, every client gets UNAVAILABLE within 5 s and the server exits non-zero."""
+    cmd = [sys.executable, "-m", "serve", "--model", "dummy", "--port", "0", "--max-seq-len",
+           "512", "--num-pages", "64", "--batch-buckets", "4", "--prefill-buckets", "16",
+           "--prefill-rows", "1", "--max-num-batched-tokens", "16", "--decode-steps", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
+    lines = _Lines(proc.stderr)
+    try:
+        port = lines.wait(r"SERVING on 127\.0\.0\.1:(\d+)", 300).group(1)
+        with open(f"/proc/{proc.pid}/maps") as f:
+            assert "jaxlib" not in f.read()  # the front never loaded JAX
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pbg.GenerationStub(ch)
+            info = json.loads(stub.ServerInfo(pb.ServerInfoRequest(), timeout=10).engine_json)
+            [core_pid] = info["engine_pids"]
+            assert core_pid != proc.pid
+            req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]),
+                                     sampling=pb.SamplingParams(max_tokens=500,
+                                                                ignore_eos=True))
+            streams = [stub.Generate(req, timeout=120) for _ in range(3)]
+            for s in streams:
+                next(s)
+            t0 = time.monotonic()
+            os.kill(core_pid, signal.SIGKILL)
+            for s in streams:
+                with pytest.raises(grpc.RpcError) as err:
+                    list(s)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+                assert "exited with code" in err.value.details()
+            assert time.monotonic() - t0 < 5
+        assert proc.wait(60) == 1
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,10 +6,10 @@ dispatched steps whose values the host has not read yet) and `num_computed` (tok
 and values dispatched steps write). Each `schedule()` call fills a token budget
 (`EngineConfig.max_num_batched_tokens`) in three passes:
 
-1. decode: every running sequence whose known tokens are all computed feeds its one pending
-   token. The token itself never visits the host: the device keeps it in the sequence's slot
-   (`jaxinfer.runner.SlotState`), so step n+1 can be dispatched before step n is read;
-2. prefill chunks of running sequences that are part-way through their prompt;
+1. decode: every running sequence whose known tokens are all computed feeds its pending token.
+   The token itself never visits the host: the device keeps it in the sequence's slot
+   (`jaxinfer.steps.SlotState`), so step n+1 can be dispatched before step n is read;
+2. prefill chunks of running sequences that are part-way through their known tokens;
 3. admission of waiting sequences (priority, then arrival), each with a prefill chunk that
    starts after its prefix-cache hit.
 
@@ -17,18 +17,28 @@ A long prompt therefore advances one chunk per step beside the decodes (chunked 
 stalling them. Every step's shapes come from `jaxinfer.buckets` (rows, chunk length, block-table
 width), so the device only runs programs compiled at warm-up.
 
-Pages. `serve/kv_pages.py` owns them. When a running sequence needs a page and none is free,
-the lowest-priority, latest-arriving running sequence not yet scheduled in this step is
-preempted by recompute: its pages are freed (its full blocks stay in the prefix cache while
-not evicted) and it returns to the waiting queue ahead of later arrivals. When it is admitted
-again it recomputes prompt + generated tokens (minus cache hits) and samples the next token,
-so its output continues exactly. A sequence is admitted again only once no dispatched step
-still carries it (`inflight == 0`), so the host then knows all of its tokens.
+Multi-step decoding. When no prefill chunk can join the step (nothing part-way through its
+prompt, and no waiting sequence that could be admitted now), the decode rows run
+`EngineConfig.decode_steps` tokens in one dispatch, and the device stops each row on its own
+at EOS, a stop id, max_tokens or the context limit (each row may sample at most
+`max_len - num_tokens - num_pending` more tokens). A row that keeps running therefore produces
+exactly its planned tokens, so the host knows every running row's position without reading
+the step; a row that stopped early has finished, which the host learns one step late.
 
-Stops detected here: EOS (unless `ignore_eos`), stop token ids, `max_tokens`, the context
-limit, and deadlines. Stop strings need text and are found by the engine's output thread,
-which calls `finish`. Because results are read one step late, a sequence that sampled EOS in
-step n is still part of step n+1; that extra token is discarded (as JetStream does).
+Pages. `jaxinfer.engine.kv_pages` owns them (the engine's one allocator). When a running
+sequence needs a page and none is free, the lowest-priority, latest-arriving running sequence
+not yet scheduled in this step is preempted by recompute: its pages are freed (its full blocks
+stay in the prefix cache while not evicted) and it returns to the waiting queue ahead of later
+arrivals. When it is admitted again it recomputes prompt + generated tokens (minus cache hits)
+and samples the next token, so its output continues exactly. A sequence is admitted again only
+once no dispatched step still carries it (`inflight == 0`), so the host then knows all of its
+tokens.
+
+Stops detected here, and on the device in the same way: EOS (unless `ignore_eos`), stop token
+ids, `max_tokens`, the context limit; deadlines only here. Stop strings need text and are found
+by the output processor, which calls `finish`. Because results are read one step late, a
+sequence that stopped in step n may still be part of step n+1; the device has marked its slot
+inactive, so that step writes nothing for it and returns no token.
 
 n > 1 samples: sample i is its own sequence (seed + i). Samples 1.. wait until sample 0 has
 scheduled its whole prompt, then hit its full prompt blocks in the prefix cache and recompute
@@ -52,15 +62,13 @@ import numpy as np
 
 from jaxinfer import buckets
 from jaxinfer.config import EngineConfig
-from jaxinfer.sampling import row_keys
-from serve.kv_pages import KVPages
-from serve.types import FinishReason, Request
+from jaxinfer.engine import packing
+from jaxinfer.engine.kv_pages import KVPages
+from jaxinfer.engine.request import FinishReason, Request
 
 logger = logging.getLogger(__name__)
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
-NUM_FLOAT_PARAMS = 6  # temperature, top_p, min_p, repetition, presence, frequency penalty
-NUM_INT_PARAMS = 4  # top_k, key word 0, key word 1, wants logprobs
 
 
 class Sequence:
@@ -91,13 +99,14 @@ class Sequence:
         "slot",
         "status",
         "stop_ids",
+        "stop_row",
         "tag",
         "tokens",
         "uses_penalties",
     )
 
     def __init__(self, seq_id: int, request: Request, index: int, *, seed: int,
-                 parent: Sequence | None) -> None:
+                 parent: Sequence | None, num_stop: int) -> None:
         s = request.sampling
         self.seq_id = seq_id
         self.request = request
@@ -114,6 +123,8 @@ class Sequence:
         self.slot = -1
         self.order = (request.priority, request.arrival, seq_id)  # lower runs first
         self.stop_ids = frozenset(request.stop_token_ids)
+        self.stop_row = np.full(num_stop, -1, np.int32)
+        self.stop_row[: len(request.stop_token_ids)] = request.stop_token_ids
         self.ignore_eos = request.ignore_eos
         self.finish_reason: FinishReason | None = None
         self.num_cached_tokens = -1  # prefix-cache hit at the first admission
@@ -121,18 +132,16 @@ class Sequence:
         self.scheduled_step = -1
         self.parent = parent
         self.prompt_done_step = -1  # step in which the whole prompt was first scheduled
-        self.uses_penalties = (s.repetition_penalty != 1 or s.presence_penalty != 0
-                               or s.frequency_penalty != 0)
+        self.uses_penalties = s.uses_penalties
+        self.float_params, self.int_params = packing.sampling_row(
+            temperature=s.temperature, top_p=s.top_p, min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty, top_k=s.top_k, seed=seed,
+            logprobs=request.logprobs, ignore_eos=request.ignore_eos)
         # Greedy rows without penalties or logprobs decode with the cheap argmax sampler.
-        self.needs_full_sampler = (s.temperature > 0 or self.uses_penalties
-                                   or request.logprobs > 0)
-        self.float_params = np.array(
-            [s.temperature, s.top_p, s.min_p, s.repetition_penalty, s.presence_penalty,
-             s.frequency_penalty], np.float32)
-        key = row_keys([seed]).view(np.int32)[0]
-        self.int_params = np.array([s.top_k, key[0], key[1], int(request.logprobs > 0)], np.int32)
+        self.needs_full_sampler = packing.needs_full_sampler(self.float_params, self.int_params)
         self.deadline = request.deadline
-        self.tag: object = None  # the engine's per-sample bookkeeping
+        self.tag: object = None  # the engine core's per-request bookkeeping
 
     @property
     def num_generated(self) -> int:
@@ -146,42 +155,45 @@ class Sequence:
         """Whether another token may be sampled (max_tokens and the context limit)."""
         return self.num_tokens + self.num_pending < self.max_len
 
+    def room(self) -> int:
+        """Tokens the sequence may still sample beyond those known or pending."""
+        return self.max_len - self.num_tokens - self.num_pending
+
     def __repr__(self) -> str:
         return (f"Sequence({self.request.request_id}#{self.index}, {self.status}, "
                 f"tokens={self.num_tokens}+{self.num_pending}, computed={self.num_computed})")
 
 
 class TokenEvent(NamedTuple):
-    """A token applied to a sequence; `is_prefill`/`row` locate it in the step's outputs."""
+    """Tokens applied to a sequence by one step, in order; `is_prefill`, `row` and `step` (of
+    the first token) locate them in the step's outputs (prefill [R, ...] or decode
+    [steps, B, ...])."""
 
     seq: Sequence
-    token: int
+    tokens: list[int]
     finish_reason: FinishReason | None
     is_prefill: bool
     row: int
+    step: int = 0
 
 
 @dataclasses.dataclass
 class SchedulerOutput:
-    """One engine step: a decode call and a prefill call, at compiled (bucketed) shapes.
-    Padding rows point at the scratch slot, with position -1 (decode) or length 0 (prefill)."""
+    """One engine step: a decode call of `num_steps` tokens per row and a prefill call, at
+    compiled (bucketed) shapes, their inputs packed as `jaxinfer.engine.packing` lays them out.
+    Padding rows point at the scratch slot (decode) or have length 0 (prefill)."""
 
     step: int
     decode_seqs: list[Sequence]
-    decode_slots: np.ndarray  # [B] int32 slot whose last token is fed
-    decode_positions: np.ndarray  # [B] int32 position of that token (-1: padding row)
-    decode_block_tables: np.ndarray  # [B, W] int32
+    decode_inputs: np.ndarray  # [B, 1 + W] int32: slot | block table
+    decode_rows_steps: np.ndarray  # [len(decode_seqs)] tokens each row may sample here
+    num_steps: int  # decode tokens per row in this dispatch (1 or decode_steps)
     decode_full: bool  # some decode row samples, is penalized or wants logprobs
     prefill_seqs: list[Sequence]
-    prefill_tokens: np.ndarray  # [R, T] int32 chunk tokens (0 past the length)
-    prefill_starts: np.ndarray  # [R] int32 position of the first chunk token
-    prefill_lens: np.ndarray  # [R] int32 chunk length (0: padding row)
-    prefill_slots: np.ndarray  # [R] int32
-    prefill_block_tables: np.ndarray  # [R, W_full] int32
-    prefill_sample: np.ndarray  # [R] bool: the chunk ends the known tokens; sample the next one
-    prefill_prompt_lens: np.ndarray  # [R] int32 (penalties count later positions as output)
-    prefill_float_params: np.ndarray  # [R, 6] float32, see NUM_FLOAT_PARAMS
-    prefill_int_params: np.ndarray  # [R, 4] int32, see NUM_INT_PARAMS
+    prefill_inputs: np.ndarray  # [R, row width] int32 (packing.PrefillLayout)
+    prefill_sample: np.ndarray  # [len(prefill_seqs)] bool: the chunk ends the known tokens
+    prefill_lens: np.ndarray  # [len(prefill_seqs)] int32 chunk lengths
+    prefill_shape: tuple[int, int]  # (R, T); (0, 0) without prefill
     num_batched_tokens: int
     preempted: list[Sequence]
     finished: list[Sequence]  # finished by the scheduler itself this step (deadlines)
@@ -192,25 +204,31 @@ class SchedulerOutput:
     def has_work(self) -> bool:
         return bool(self.decode_seqs or self.prefill_seqs)
 
+    @property
+    def decode_shape(self) -> tuple[int, int]:
+        """(B, W) of the decode call; (0, 0) without decode rows."""
+        if not self.decode_seqs:
+            return 0, 0
+        return self.decode_inputs.shape[0], self.decode_inputs.shape[1] - 1
+
 
 class Scheduler:
     """Waiting and running queues, the token budget, preemption and stop conditions.
 
     Args:
-        engine: the engine config (budget, buckets, page geometry).
+        engine: the engine config (budget, buckets, page geometry), `num_pages` resolved.
         eos_ids: the model's EOS ids.
-        enable_prefix_cache: share full prompt blocks between sequences.
     """
 
-    def __init__(self, engine: EngineConfig, *, eos_ids: tuple[int, ...] = (),
-                 enable_prefix_cache: bool = True) -> None:
+    def __init__(self, engine: EngineConfig, *, eos_ids: tuple[int, ...] = ()) -> None:
         self.cfg = engine
         self.eos_ids = frozenset(eos_ids)
-        self.kv = KVPages(engine.num_pages, engine.page_size,
-                          enable_prefix_cache=enable_prefix_cache)
-        self.num_slots = buckets.serve_num_slots(engine)
+        self.kv = KVPages(engine.pool_pages, engine.page_size,
+                          enable_prefix_cache=engine.enable_prefix_cache)
+        self.num_slots = engine.num_slots
         self.scratch_slot = self.num_slots
-        self.max_width = max(buckets.serve_page_widths(engine))
+        self.max_width = max(buckets.page_widths(engine))
+        self.num_stop = engine.max_stop_token_ids
         # Host copy of every slot's block table; row `scratch_slot` stays zero (padding rows).
         self.block_tables = np.zeros((self.num_slots + 1, self.max_width), np.int32)
         self._free_slots = list(range(self.num_slots - 1, -1, -1))
@@ -218,6 +236,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by Sequence.order
         self._deadlines: list[tuple[float, int, Sequence]] = []
         self._ids = itertools.count()
+        self._layouts: dict[int, packing.PrefillLayout] = {}
         self.step_id = 0
         self.num_preemptions = 0
 
@@ -227,7 +246,7 @@ class Scheduler:
         seqs: list[Sequence] = []
         for i in range(request.n):
             seq = Sequence(next(self._ids), request, i, seed=seed + i,
-                           parent=seqs[0] if seqs else None)
+                           parent=seqs[0] if seqs else None, num_stop=self.num_stop)
             seqs.append(seq)
             bisect.insort(self.waiting, seq, key=_order)
             if seq.deadline is not None:
@@ -269,18 +288,22 @@ class Scheduler:
         cfg = self.cfg
         budget = cfg.max_num_batched_tokens
         decode: list[Sequence] = []
+        rows_steps: list[int] = []
         chunks: list[tuple[Sequence, int, int]] = []  # (seq, start, length)
         preempted: list[Sequence] = []
         lookups: list[tuple[int, int]] = []
+        num_steps = cfg.decode_steps if not self._prefill_can_join() else 1
 
         # 1. decodes, highest priority first; a missing page preempts from the back.
         for seq in list(self.running):
             if (seq.status != RUNNING or seq.num_computed < seq.num_tokens
                     or not seq.can_sample()):
                 continue
-            if not self._reserve(seq, seq.num_computed + 1, step, preempted, self_ok=True):
+            k = min(num_steps, seq.room())
+            if not self._reserve(seq, seq.num_computed + k, step, preempted, self_ok=True):
                 continue
             decode.append(seq)
+            rows_steps.append(k)
             seq.scheduled_step = step
             budget -= 1
 
@@ -302,12 +325,12 @@ class Scheduler:
         if not preempted:
             admitted = []
             for seq in self.waiting:
-                if seq.inflight or (seq.parent is not None and (
-                        seq.parent.prompt_done_step < 0 or seq.parent.prompt_done_step == step)):
+                if not self._admissible(seq, step):
                     continue
                 if not self._free_slots or budget <= 0:
                     break
-                hit = ([], []) if seq.uses_penalties else self.kv.lookup(seq.tokens, seq.num_tokens)
+                hit = ([], []) if seq.uses_penalties else self.kv.lookup(seq.tokens,
+                                                                         seq.num_tokens)
                 start = len(hit[0]) * cfg.page_size
                 n = self._chunk_len(seq.num_tokens - start, chunks, budget)
                 if n == 0:
@@ -333,11 +356,15 @@ class Scheduler:
                 gone = set(map(id, admitted))
                 self.waiting = [s for s in self.waiting if id(s) not in gone]
 
+        # A decode row may have lost its place to a preemption after it was planned.
+        kept = [(s, k) for s, k in zip(decode, rows_steps) if s.status == RUNNING]
+        decode = [s for s, _ in kept]
+        rows_steps = [k for _, k in kept]
         # Book the work, then register full blocks (after all admissions, so no sequence
         # shares a page that is only written later in this same step).
-        for seq in decode:
-            seq.num_computed += 1
-            seq.num_pending += 1
+        for seq, k in kept:
+            seq.num_computed += k
+            seq.num_pending += k
             seq.inflight += 1
         samples = []
         for seq, start, n in chunks:
@@ -354,14 +381,32 @@ class Scheduler:
         for seq, _, _ in chunks:
             self.kv.register(seq.seq_id, seq.tokens, min(seq.num_computed, seq.num_tokens))
         self.num_preemptions += len(preempted)
-        out = self._build(step, decode, chunks, samples, preempted, finished,
-                          cfg.max_num_batched_tokens - budget)
+        used = cfg.max_num_batched_tokens - budget + sum(rows_steps) - len(rows_steps)
+        out = self._build(step, decode, rows_steps, num_steps, chunks, samples, preempted,
+                          finished, used)
         out.lookups = lookups
         return out
 
+    def _admissible(self, seq: Sequence, step: int) -> bool:
+        """A waiting sequence may be admitted: no dispatched step still carries it, and sample
+        0 of its request has scheduled its whole prompt (in an earlier step)."""
+        if seq.inflight:
+            return False
+        parent = seq.parent
+        return parent is None or 0 <= parent.prompt_done_step < step
+
+    def _prefill_can_join(self) -> bool:
+        """Whether a prefill chunk could be scheduled now: a running sequence part-way through
+        its known tokens, or a waiting one that could be admitted (a free slot)."""
+        if any(s.num_computed < s.num_tokens for s in self.running):
+            return True
+        if not self._free_slots:
+            return False
+        return any(self._admissible(s, self.step_id) for s in self.waiting)
+
     def _chunk_len(self, remaining: int, chunks: list, budget: int) -> int:
         """Tokens the next prefill row may take: within the budget and a compiled shape."""
-        limit = buckets.serve_max_chunk(self.cfg, len(chunks) + 1)
+        limit = buckets.max_chunk(self.cfg, len(chunks) + 1)
         if any(n > limit for _, _, n in chunks):
             return 0
         return max(min(remaining, budget, limit), 0)
@@ -371,6 +416,9 @@ class Scheduler:
         """Give `seq` pages for `num_tokens` positions, preempting lower-priority running
         sequences not scheduled in this step. With `self_ok`, preempt `seq` itself when no
         victim is left; returns False when `seq` does not run in this step."""
+        held = len(self.kv.pages(seq.seq_id))
+        if held * self.cfg.page_size >= num_tokens:  # the common case: nothing to allocate
+            return True
         while True:
             old = len(self.kv.pages(seq.seq_id))
             fresh = self.kv.allocate(seq.seq_id, num_tokens)
@@ -421,69 +469,76 @@ class Scheduler:
         seq.status = FINISHED
         seq.finish_reason = reason
 
-    def _build(self, step, decode, chunks, samples, preempted, finished, used
-               ) -> SchedulerOutput:
+    def layout(self, chunk: int) -> packing.PrefillLayout:
+        """The prefill row layout for chunk length `chunk` (full block-table width)."""
+        lay = self._layouts.get(chunk)
+        if lay is None:
+            lay = self._layouts[chunk] = packing.PrefillLayout(chunk, self.max_width,
+                                                               self.num_stop)
+        return lay
+
+    def _build(self, step, decode, rows_steps, num_steps, chunks, samples, preempted, finished,
+               used) -> SchedulerOutput:
         cfg = self.cfg
         nd = len(decode)
         if nd:
-            pos = np.fromiter((s.num_computed - 1 for s in decode), np.int32, nd)
-            b, w = buckets.serve_decode_shape(cfg, nd, int(pos.max()) // cfg.page_size + 1)
+            # The last position a row may write in this dispatch sets the table width.
+            last = max(s.num_computed - 1 for s in decode)
+            b, w = buckets.decode_shape(cfg, nd, last // cfg.page_size + 1)
         else:
-            pos, (b, w) = np.zeros(0, np.int32), (0, 0)
-        d_slots = np.full(b, self.scratch_slot, np.int32)
-        d_slots[:nd] = [s.slot for s in decode]
-        d_pos = np.full(b, -1, np.int32)
-        d_pos[:nd] = pos
+            b, w = 0, 0
+        slots = np.full(b, self.scratch_slot, np.int32)
+        slots[:nd] = [s.slot for s in decode]
+        decode_inputs = packing.decode_rows(slots, self.block_tables[slots, :w])
         nr = len(chunks)
-        if nr:
-            r, t = buckets.serve_prefill_shape(cfg, nr, max(n for _, _, n in chunks))
-        else:
-            r, t = 0, 0
-        p_tokens = np.zeros((r, t), np.int32)
-        p_starts = np.zeros(r, np.int32)
-        p_lens = np.zeros(r, np.int32)
-        p_slots = np.full(r, self.scratch_slot, np.int32)
-        p_sample = np.zeros(r, bool)
-        p_prompt = np.zeros(r, np.int32)
-        p_float = np.zeros((r, NUM_FLOAT_PARAMS), np.float32)
-        p_float[:, 1] = 1.0  # padding rows: top_p 1, repetition penalty 1
-        p_float[:, 3] = 1.0
-        p_int = np.zeros((r, NUM_INT_PARAMS), np.int32)
+        r, t = buckets.prefill_shape(cfg, nr, max(n for _, _, n in chunks)) if nr else (0, 0)
+        lay = self.layout(t)
+        prefill = lay.empty(r, self.scratch_slot)
         for i, (seq, start, n) in enumerate(chunks):
-            p_tokens[i, :n] = seq.tokens[start: start + n]
-            p_starts[i] = start
-            p_lens[i] = n
-            p_slots[i] = seq.slot
-            p_sample[i] = samples[i]
-            p_prompt[i] = seq.prompt_len
-            p_float[i] = seq.float_params
-            p_int[i] = seq.int_params
+            lay.pack_row(prefill, i, tokens=seq.tokens[start: start + n],
+                         block_table=self.block_tables[seq.slot], slot=seq.slot, start=start,
+                         sample=samples[i], prompt_len=seq.prompt_len, max_len=seq.max_len,
+                         floats=seq.float_params, ints=seq.int_params, stop_ids=seq.stop_row)
         return SchedulerOutput(
-            step=step, decode_seqs=decode, decode_slots=d_slots, decode_positions=d_pos,
-            decode_block_tables=self.block_tables[d_slots, :w],
+            step=step, decode_seqs=decode, decode_inputs=decode_inputs,
+            decode_rows_steps=np.asarray(rows_steps, np.int32), num_steps=num_steps if nd else 1,
             decode_full=any(s.needs_full_sampler for s in decode),
-            prefill_seqs=[c[0] for c in chunks], prefill_tokens=p_tokens,
-            prefill_starts=p_starts, prefill_lens=p_lens, prefill_slots=p_slots,
-            prefill_block_tables=self.block_tables[p_slots], prefill_sample=p_sample,
-            prefill_prompt_lens=p_prompt, prefill_float_params=p_float,
-            prefill_int_params=p_int, num_batched_tokens=used, preempted=preempted,
-            finished=finished)
+            prefill_seqs=[c[0] for c in chunks], prefill_inputs=prefill,
+            prefill_sample=np.asarray(samples, bool),
+            prefill_lens=np.asarray([n for _, _, n in chunks], np.int32), prefill_shape=(r, t),
+            num_batched_tokens=used, preempted=preempted, finished=finished)
 
     # -- results -------------------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, decode_tokens: np.ndarray,
                            prefill_tokens: np.ndarray) -> list[TokenEvent]:
-        """Apply a step's sampled tokens (decode [>= B], prefill [>= R]); returns a
-        TokenEvent for every sequence that got a token and was still unfinished. Finished
-        sequences release their pages and slot here."""
+        """Apply a step's sampled tokens (decode [num_steps, >= B], -1 where the device had
+        stopped the row; prefill [>= R]); returns one TokenEvent per still unfinished sequence
+        that got tokens. Finished sequences release their pages and slot here."""
         events = []
+        if out.decode_seqs:
+            cols = decode_tokens[:, : len(out.decode_seqs)].T.tolist()  # one list per row
         for i, seq in enumerate(out.decode_seqs):
             seq.inflight -= 1
-            if seq.status != FINISHED:
-                events.append(self._append(seq, int(decode_tokens[i]), False, i))
+            planned = int(out.decode_rows_steps[i])
+            if seq.status == FINISHED:
+                continue
+            seq.num_pending -= planned
+            row = cols[i][:planned]
+            ev = self._extend(seq, row, False, i)
+            if ev.tokens or ev.finish_reason is not None:
+                events.append(ev)
+            if seq.status != FINISHED and len(ev.tokens) < planned:
+                # The device stopped a row the host would not have: the two disagree on a
+                # stop rule. Never leave it running on a slot that no longer samples.
+                logger.error("device stopped %r early without a stop token", seq)
+                self._finish(seq, "error")
+                events.append(TokenEvent(seq, [], "error", False, i, 0))
         for i, seq in enumerate(out.prefill_seqs):
             seq.inflight -= 1
-            if out.prefill_sample[i] and seq.status != FINISHED:
-                events.append(self._append(seq, int(prefill_tokens[i]), True, i))
+            if not out.prefill_sample[i] or seq.status == FINISHED:
+                continue
+            seq.num_pending -= 1
+            events.append(self._extend(seq, [int(prefill_tokens[i])], True, i))
         return events
 
     def discard(self, out: SchedulerOutput) -> None:
@@ -493,23 +548,35 @@ class Scheduler:
         for seq, sample in zip(out.prefill_seqs, out.prefill_sample):
             if sample:
                 seq.num_pending -= 1
-        for seq in out.decode_seqs:
-            seq.num_pending -= 1
+        for seq, k in zip(out.decode_seqs, out.decode_rows_steps):
+            seq.num_pending -= int(k)
 
-    def _append(self, seq: Sequence, token: int, is_prefill: bool, row: int) -> TokenEvent:
-        seq.num_pending -= 1
-        seq.tokens[seq.num_tokens] = token
-        seq.num_tokens += 1
+    def _extend(self, seq: Sequence, tokens: list[int], is_prefill: bool, row: int
+                ) -> TokenEvent:
+        """Append a step's tokens (up to the first -1) to `seq`, stopping at the first that
+        ends it: EOS (unless ignore_eos), a stop id, or max_len."""
         reason: FinishReason | None = None
-        if (token in self.eos_ids and not seq.ignore_eos) or token in seq.stop_ids:
-            reason = "stop"
-        elif seq.num_tokens >= seq.max_len:
-            reason = "length"
+        n = 0
+        room = seq.max_len - seq.num_tokens
+        eos = () if seq.ignore_eos else self.eos_ids
+        for t in tokens:
+            if t < 0:
+                break
+            n += 1
+            if t in eos or t in seq.stop_ids:
+                reason = "stop"
+                break
+            if n >= room:
+                reason = "length"
+                break
+        kept = tokens[:n]
+        seq.tokens[seq.num_tokens: seq.num_tokens + n] = kept
+        seq.num_tokens += n
         if reason is not None:
             self._finish(seq, reason)
-        elif seq.status == RUNNING:
+        elif seq.status == RUNNING and n:
             self.kv.register(seq.seq_id, seq.tokens, min(seq.num_computed, seq.num_tokens))
-        return TokenEvent(seq, token, reason, is_prefill, row)
+        return TokenEvent(seq, kept, reason, is_prefill, row, 0)
 
     # -- introspection -------------------------------------------------------------------
     def stats(self) -> dict:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from serve.kv_pages import KVPages
+from jaxinfer.engine.kv_pages import KVPages
 
 
 def toks(*ids):

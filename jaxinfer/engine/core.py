@@ -1,0 +1,368 @@
+"""The engine core: one scheduler and one runner, stepped synchronously (vLLM v1's EngineCore).
+
+Offline generation (`jaxinfer.engine.llm`), the bench and the server's engine-core process
+(`serve/engine_proc.py`) all drive this same object: `add_request`, `abort`, and `step()` in a
+loop. Nothing here detokenizes or streams; `step()` returns `SampleOutput`s (token ids, packed
+logprob rows, finish reasons) that an output processor (`jaxinfer.engine.output`) turns into
+text.
+
+One step, with the host off the critical path:
+
+    schedule step n (jaxinfer.engine.scheduler)        host, ~0.1-0.3 ms
+    dispatch step n: decode program, prefill program   asynchronous; copy_to_host_async()
+    read step n-1's outputs                            step n is already queued behind it
+    apply them: EOS, stop ids, max_tokens, length      host
+
+Step n+1 is dispatched before step n's tokens are read: a decode row's input token lives in its
+device slot (`jaxinfer.steps.SlotState`), so the host needs tokens only to report them and to
+detect stops, one step late. Pages are freed at once on finish, cancel or preemption even while
+a step that writes them is in flight: steps execute in dispatch order, so a later owner's
+writes land after it.
+
+Failure isolation: a request that fails its own handling fails alone (finish_reason "error");
+a failing device step fails the sequences that were running (their cache contents are
+unknown), resets the cache, the slots and the prefix cache, and the core keeps serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from jaxinfer import buckets
+from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.engine.request import (FinishReason, Limits, Request, SampleOutput, StepStats,
+                                     validate_request)
+from jaxinfer.engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from jaxinfer.errors import RequestError
+from jaxinfer.kv_cache import memory_stats, page_bytes, size_pool
+from jaxinfer.runner import Runner
+
+logger = logging.getLogger(__name__)
+
+
+class _Entry:
+    """One request's samples in the core."""
+
+    __slots__ = ("request", "seqs", "unfinished")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.seqs: list[Sequence] = []
+        self.unfinished = request.n
+
+
+class EngineCore:
+    """A scheduler and a runner; `step()` runs one engine step (see the module docstring).
+
+    Args:
+        runner: the device programs and state (`warmup` compiles and runs them once).
+        has_tokenizer: whether the fronts can detokenize (stop strings need it).
+
+    The core accepts every valid request; the fronts bound their queues (`max_queue`).
+    """
+
+    def __init__(self, runner: Runner, *, has_tokenizer: bool = True, model: str = "",
+                 quant: str = "none") -> None:
+        self.runner = runner
+        self.model_name = model  # the preset name or directory it was loaded from
+        self.quant = quant
+        self.model_cfg: ModelConfig = runner.model_cfg
+        self.engine_cfg: EngineConfig = runner.engine_cfg
+        self.scheduler = Scheduler(self.engine_cfg, eos_ids=self.model_cfg.eos_token_ids)
+        self.has_tokenizer = has_tokenizer
+        self.context_limit = min(self.engine_cfg.max_seq_len, self.model_cfg.context_limit)
+        self.num_recompiles = 0
+        self.warmup_seconds: float | None = None
+        self.runner.on_late_compile = self._late_compile
+        self._entries: dict[str, _Entry] = {}
+        self._pending: tuple[SchedulerOutput, object, object] | None = None
+        self._rng = random.SystemRandom()
+        self._aborted: list[SampleOutput] = []
+
+    # -- set-up ----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, loaded, engine_cfg: EngineConfig, *, mesh,
+               runner_factory: Callable[..., Runner] = Runner) -> EngineCore:
+        """A core for `loaded` (a `jaxinfer.model_loader.LoadedModel` placed on `mesh`), with
+        the kernel choice and the KV pool size resolved (`resolve_engine_config`).
+        `runner_factory(model_cfg, engine_cfg, graphdef, params, mesh=...)` makes the runner
+        (a multi-host leader passes one that also drives the other processes)."""
+        eng = resolve_engine_config(loaded.cfg, engine_cfg, mesh)
+        runner = runner_factory(loaded.cfg, eng, loaded.graphdef, loaded.params, mesh=mesh)
+        return cls(runner, has_tokenizer=loaded.tokenizer is not None, model=loaded.source,
+                   quant=loaded.quant)
+
+    def limits(self) -> Limits:
+        eng = self.engine_cfg
+        return Limits(vocab_size=self.model_cfg.vocab_size, max_seq_len=self.context_limit,
+                      max_tokens=self.context_limit - 1, max_n=eng.max_n,
+                      max_logprobs=eng.max_logprobs, max_stop_token_ids=eng.max_stop_token_ids,
+                      page_size=eng.page_size, num_pages=eng.pool_pages,
+                      has_tokenizer=self.has_tokenizer)
+
+    def warmup(self, *, max_workers: int = 8, progress=None) -> None:
+        """Compile every program (a thread pool) and run each once on padding rows."""
+        t0 = time.perf_counter()
+        self.runner.init_state()
+        self.runner.compile_all(max_workers=max_workers, progress=progress)
+        self.runner.run_padding()
+        self.warmup_seconds = time.perf_counter() - t0
+        logger.info("warm-up: %d programs in %.1fs (compile %.1fs of work)",
+                    len(self.runner.program_keys()), self.warmup_seconds,
+                    self.runner.compile_seconds)
+
+    def info(self) -> dict:
+        """Model, buckets, mesh and limits (for ServerInfo and the fronts' Limits)."""
+        eng, runner = self.engine_cfg, self.runner
+        mesh = runner.mesh
+        return {
+            "model": self.model_name, "quant": self.quant,
+            "model_config": self.model_cfg.to_json(),
+            "dtype": eng.dtype, "kv_dtype": eng.kv_dtype, "kernels": runner.kernels,
+            "buckets": {
+                "decode_batch": list(eng.batch_buckets),
+                "decode_pages": list(buckets.page_widths(eng)),
+                "decode_steps": list(buckets.decode_step_counts(eng)),
+                "prefill_lengths": list(eng.prefill_buckets),
+                "prefill_rows": list(eng.prefill_rows),
+                "prefill_shapes": [list(s) for s in buckets.prefill_shapes(eng)],
+                "max_num_batched_tokens": eng.max_num_batched_tokens,
+            },
+            "programs": len(runner.program_keys()),
+            "mesh": {**{str(k): int(v) for k, v in mesh.shape.items()},
+                     "devices": [f"{d.platform}:{getattr(d, 'device_kind', 'unknown')}"
+                                 for d in mesh.devices.flat]},
+            "limits": {**self.limits().to_json(), "max_running": eng.num_slots},
+            "kv_cache_bytes": runner.cache.nbytes() if runner.cache is not None else 0,
+            "warmup_seconds": self.warmup_seconds,
+        }
+
+    # -- requests ------------------------------------------------------------------------
+    def add_request(self, req: Request, *, seed: int | None = None) -> None:
+        """Queue a request (validated again here: the core may be driven directly). `seed`
+        overrides the request's; with neither, a random one."""
+        validate_request(req, self.limits())
+        if req.request_id in self._entries:
+            raise RequestError(f"request_id {req.request_id!r} is already in flight")
+        if seed is None:
+            seed = req.sampling.seed
+        if seed is None:
+            seed = self._rng.randrange(0, 2**31)
+        entry = _Entry(req)
+        entry.seqs = self.scheduler.add_request(req, seed=seed)
+        for s in entry.seqs:
+            s.tag = entry
+        self._entries[req.request_id] = entry
+
+    def abort(self, request_id: str, reason: FinishReason = "cancelled", *,
+              index: int | None = None, report: bool = True) -> None:
+        """Finish a request's unfinished samples (or only sample `index`) at once: their pages
+        and slots are freed. With `report`, the next `step()` returns a final SampleOutput with
+        `reason` for each; without (a stop string the caller found itself), nothing. Unknown or
+        finished ids are ignored."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return
+        for seq in entry.seqs:
+            if index is not None and seq.index != index:
+                continue
+            if self.scheduler.finish(seq, reason):
+                self._done(seq, self._aborted if report else None, reason)
+
+    def abort_all(self, reason: FinishReason, error: str | None = None) -> list[SampleOutput]:
+        """Finish everything (shutdown); returns the final outputs."""
+        out: list[SampleOutput] = []
+        for seq in self.scheduler.abort_all(reason):
+            self._done(seq, out, reason, error)
+        out = self._aborted + out
+        self._aborted = []
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self._entries) or self._pending is not None
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._entries)
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> tuple[list[SampleOutput], StepStats]:
+        """Schedule and dispatch one step, then read and apply the previous one. Host time
+        leaves out the wait for the device (reading the previous step's outputs)."""
+        sched = self.scheduler
+        t0 = time.perf_counter()
+        outputs: list[SampleOutput] = self._aborted
+        self._aborted = []
+        stats = StepStats()
+        handle = None
+        so = sched.schedule()
+        for seq in so.finished:  # deadlines
+            self._done(seq, outputs, seq.finish_reason)
+        t_sched = time.perf_counter() - t0
+        if so.has_work:
+            try:
+                handle = self._dispatch(so)
+            except Exception as e:  # a step that cannot even be dispatched
+                sched.discard(so)
+                self._device_failure(e, outputs)
+        host = time.perf_counter() - t0
+        if self._pending is not None:
+            done, self._pending = self._pending, None
+            try:
+                dec = np.asarray(done[1]) if done[1] is not None else None
+                pre = np.asarray(done[2]) if done[2] is not None else None
+            except Exception as e:
+                sched.discard(done[0])
+                if handle is not None:  # the new step was queued behind the failed one
+                    sched.discard(handle[0])
+                    handle = None
+                self._device_failure(e, outputs)
+            else:
+                t2 = time.perf_counter()
+                stats.generated_tokens = self._apply(done[0], dec, pre, outputs)
+                applied = time.perf_counter() - t2
+                host += applied
+                t_sched += applied
+        self._pending = handle
+        stats.host_seconds = host
+        self._fill_stats(stats, so, t_sched)
+        return outputs, stats
+
+    def _fill_stats(self, stats: StepStats, so: SchedulerOutput, t_sched: float) -> None:
+        sched = self.scheduler
+        stats.schedule_seconds = t_sched
+        stats.num_batched_tokens = so.num_batched_tokens
+        stats.num_steps = so.num_steps if so.decode_seqs else 0
+        stats.decode_rows = len(so.decode_seqs)
+        stats.prefill_tokens = self._prefill_tokens(so)
+        stats.preemptions = len(so.preempted)
+        stats.prefix_hit_tokens = sum(h for h, _ in so.lookups)
+        stats.prefix_lookup_tokens = sum(t for _, t in so.lookups)
+        stats.waiting = sched.num_waiting
+        stats.running = sched.num_running
+        stats.pages_used = sched.kv.num_used
+        stats.pages_free = sched.kv.num_free
+        stats.num_slots = sched.num_slots
+
+    @staticmethod
+    def _prefill_tokens(so: SchedulerOutput) -> int:
+        if not so.prefill_seqs:
+            return 0
+        return so.num_batched_tokens - sum(int(k) for k in so.decode_rows_steps)
+
+    def _dispatch(self, so: SchedulerOutput) -> tuple:
+        runner = self.runner
+        out_d = out_p = None
+        if so.decode_seqs:
+            out_d = runner.decode(so.decode_inputs, num_steps=so.num_steps, full=so.decode_full)
+            out_d.copy_to_host_async()
+        if so.prefill_seqs:
+            out_p = runner.prefill(so.prefill_inputs, chunk=so.prefill_shape[1])
+            out_p.copy_to_host_async()
+        return so, out_d, out_p
+
+    def _apply(self, so: SchedulerOutput, dec: np.ndarray | None, pre: np.ndarray | None,
+               outputs: list[SampleOutput]) -> int:
+        """Apply a step's results; returns the number of tokens applied."""
+        d_tok = dec[..., 0] if dec is not None else np.zeros((0, 0), np.int32)
+        p_tok = pre[:, 0] if pre is not None else np.zeros(0, np.int32)
+        applied = 0
+        for ev in self.scheduler.update_from_output(so, d_tok, p_tok):
+            seq = ev.seq
+            entry: _Entry = seq.tag
+            n = len(ev.tokens)
+            applied += n
+            lp = None
+            if entry.request.logprobs and n:
+                lp = pre[ev.row: ev.row + 1] if ev.is_prefill else dec[ev.step: ev.step + n,
+                                                                       ev.row]
+            out = SampleOutput(entry.request.request_id, seq.index, ev.tokens, logprobs=lp,
+                               finish_reason=ev.finish_reason,
+                               cached_tokens=max(seq.num_cached_tokens, 0))
+            if ev.finish_reason == "error":
+                out.error = "the device stopped the sequence without a stop condition"
+            outputs.append(out)
+            if ev.finish_reason is not None:
+                self._done(seq, None, ev.finish_reason)
+        return applied
+
+    def _done(self, seq: Sequence, outputs: list[SampleOutput] | None, reason: FinishReason,
+              error: str | None = None) -> None:
+        """Book a finished sequence; with `outputs`, report it (no token)."""
+        entry: _Entry = seq.tag
+        if outputs is not None:
+            outputs.append(SampleOutput(entry.request.request_id, seq.index, [],
+                                        finish_reason=reason, error=error,
+                                        cached_tokens=max(seq.num_cached_tokens, 0)))
+        entry.unfinished -= 1
+        if entry.unfinished == 0:
+            self._entries.pop(entry.request.request_id, None)
+
+    def _device_failure(self, exc: BaseException, outputs: list[SampleOutput]) -> None:
+        """A device step failed: its sequences' cache contents are unknown. Fail every running
+        sequence, start from a fresh cache and slot state and an empty prefix cache."""
+        logger.error("device step failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        message = f"device step failed: {type(exc).__name__}: {exc}"
+        for seq in list(self.scheduler.running):
+            if self.scheduler.finish(seq, "error"):
+                self._done(seq, outputs, "error", message)
+        self.scheduler.kv.reset_prefix_cache()
+        self.runner.init_state()
+
+    def drain_pending(self) -> list[SampleOutput]:
+        """Read and apply the step in flight, dispatching nothing new (shutdown, tests)."""
+        outputs: list[SampleOutput] = []
+        if self._pending is not None:
+            done, self._pending = self._pending, None
+            try:
+                dec = np.asarray(done[1]) if done[1] is not None else None
+                pre = np.asarray(done[2]) if done[2] is not None else None
+            except Exception as e:
+                self.scheduler.discard(done[0])
+                self._device_failure(e, outputs)
+            else:
+                self._apply(done[0], dec, pre, outputs)
+        return outputs
+
+    def _late_compile(self, key: tuple, seconds: float) -> None:
+        self.num_recompiles += 1
+        logger.warning("compiled %s after warm-up (%.2fs): a shape outside the warm-up set",
+                       key, seconds)
+
+
+
+def resolve_engine_config(cfg: ModelConfig, engine_cfg: EngineConfig, mesh) -> EngineConfig:
+    """`engine_cfg` with the kernels resolved for this backend and, when `num_pages` is None,
+    the KV pool sized from free device memory (`jaxinfer.kv_cache.size_pool`; in a multi-host
+    run the smallest of every process's size, so all build the same programs). Logs the
+    result: pages, tokens, memory, max sequences and context."""
+    import jax
+
+    eng = dataclasses.replace(engine_cfg,
+                              kernels=engine_cfg.resolved_kernels(jax.default_backend()))
+    how = "--num-pages"
+    if eng.num_pages is None:
+        slot_bytes = (eng.num_slots + 1) * cfg.vocab_size * 5
+        activations = eng.max_num_batched_tokens * (12 * cfg.hidden_size
+                                                    + 3 * cfg.intermediate_size) * 4
+        reserved = 2**30 + slot_bytes + activations + 8 * max(eng.prefill_rows) * cfg.vocab_size
+        pages = size_pool(cfg, eng, mesh, reserved_bytes=reserved)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            pages = int(multihost_utils.process_allgather(np.asarray([pages], np.int64)).min())
+        eng = dataclasses.replace(eng, num_pages=pages)
+        how = (f"gpu_memory_utilization {eng.gpu_memory_utilization}"
+               if memory_stats(next(iter(mesh.devices.flat))) else "every slot at max_seq_len")
+    pages = eng.pool_pages
+    logger.info("KV cache: %d pages of %d tokens = %d tokens, %.2f GiB per device (%s); "
+                "max sequences %d, max context %d tokens; kernels %s", pages, eng.page_size,
+                pages * eng.page_size, pages * page_bytes(cfg, eng, mesh) / 2**30, how,
+                eng.num_slots, min(eng.max_seq_len, cfg.context_limit), eng.kernels)
+    return eng
