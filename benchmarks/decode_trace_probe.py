@@ -11,7 +11,6 @@ program the collectives in its compiled HLO (op and shape, with counts).
     MESHES="tp=1;tp=2" python benchmarks/decode_trace_probe.py
 """
 import collections
-import dataclasses
 import glob
 import json
 import os
@@ -24,10 +23,8 @@ import numpy as np
 
 from jaxinfer import bench
 from jaxinfer.config import EngineConfig
-from jaxinfer.kv_cache import init_cache, pages_needed
+from jaxinfer.engine.llm import LLM
 from jaxinfer.model_loader import load_model
-from jaxinfer.runner import Runner
-from sharding.data_parallel import ReplicaPageAllocator
 from sharding.mesh import make_mesh, parse_mesh
 
 PROMPT, GEN, STEPS = 128, 129, 16  # 128 decoded tokens after the prefill's first
@@ -93,46 +90,42 @@ def _collectives(runner) -> dict:
     return out
 
 
-def _trace(runner, cache, pages, prompts):
-    """One traced generation -> (cache, timings, GPU planes)."""
+def _trace(llm, prompts):
+    """One traced generation -> (timings, GPU planes)."""
     tdir = tempfile.mkdtemp()
     try:
         jax.profiler.start_trace(tdir)
-        cache, times = bench.run_once(runner, cache, pages, prompts, GEN, STEPS)
+        times = bench.run_once(llm, prompts, GEN)
         jax.profiler.stop_trace()
         [path] = glob.glob(tdir + "/**/*.xplane.pb", recursive=True)
         data = jax.profiler.ProfileData.from_file(path)
         planes = [p for p in data.planes if p.name.startswith("/device:GPU:")]
-        return cache, times, planes
+        return times, planes
     finally:
         shutil.rmtree(tdir)
 
 
 def main() -> None:
-    if os.environ.get("TP_REDUCE_DTYPE"):  # e.g. bfloat16: the tp all-reduces' dtype
-        from jaxinfer import ops
-        ops.TP_REDUCE_DTYPE = jax.numpy.dtype(os.environ["TP_REDUCE_DTYPE"])
+    reduce_dtype = os.environ.get("TP_REDUCE_DTYPE")  # e.g. bfloat16: the tp all-reduces'
     model = os.environ.get("MODEL", "llama-3.1-8b-shape")
     tokens = GEN - 1
     for mesh_text in os.environ.get("MESHES", "tp=1;tp=2").split(";"):
         spec = parse_mesh(mesh_text)
         mesh = make_mesh(spec)
         loaded = load_model(model, mesh=mesh, dtype="bfloat16")
-        cfg = dataclasses.replace(loaded.cfg, eos_token_ids=())
         for b in (1, 32):
-            per = pages_needed(PROMPT + GEN, 16)
+            per = -(-(PROMPT + GEN) // 16)
             eng = EngineConfig(page_size=16, num_pages=b * per, max_seq_len=PROMPT + GEN,
                                dtype="bfloat16", kernels="pallas", decode_steps=STEPS,
-                               batch_buckets=(b,), prefill_buckets=(PROMPT,))
-            runner = Runner(cfg, eng, loaded.graphdef, loaded.params, mesh=mesh)
-            cache = init_cache(cfg, eng, runner.cache_shardings)
-            alloc = ReplicaPageAllocator(runner.layout)
-            pages = [alloc.allocate(per, replica=runner.layout.replica_of_slot(i))
-                     for i in range(b)]
+                               batch_buckets=(b,), prefill_buckets=(PROMPT,),
+                               prefill_rows=(b,), max_num_batched_tokens=b * PROMPT,
+                               tp_reduce_dtype=reduce_dtype)
+            llm = LLM.from_loaded(loaded, eng, mesh=mesh)
+            runner = llm.core.runner
             prompts = [np.arange(PROMPT, dtype=np.int32) + i for i in range(b)]
             for _ in range(2):  # compile, then warm
-                cache, _ = bench.run_once(runner, cache, pages, prompts, GEN, STEPS)
-            cache, times, planes = _trace(runner, cache, pages, prompts)
+                bench.run_once(llm, prompts, GEN)
+            times, planes = _trace(llm, prompts)
             for plane in planes:
                 fam = _families(plane)
                 top = sorted(fam.items(), key=lambda kv: -kv[1][0])[:12]
@@ -147,7 +140,7 @@ def main() -> None:
                 }), flush=True)
             print(json.dumps({"mesh": mesh_text, "batch": b, "collectives": _collectives(runner)}),
                   flush=True)
-            del cache, runner
+            del llm, runner
 
 
 if __name__ == "__main__":

@@ -97,6 +97,23 @@ serving() {  # time to SERVING cold and warm, saturation and 50%/90% load, host 
   done
 }
 
+serving_sweep() {  # saturation + 50%/90% load for each server config in CONFIGS (label:flags;...)
+  local port=50065
+  IFS=';' read -ra cfgs <<<"${CONFIGS:-b512:--max-num-batched-tokens 512 --prefill-rows 1,4}"
+  for c in "${cfgs[@]}"; do
+    local label=${c%%:*} flags=${c#*:}
+    step "server $label ($flags)"
+    local t0; t0=$(date +%s.%N)
+    $PY -m serve --model "$MODEL" --port $port --compile-cache /tmp/jaxinfer_cc $flags \
+      --log-level INFO >>"$OUT/server_sweep.log" 2>&1 &
+    local pid=$!
+    $PY benchmarks/wait_serving.py 127.0.0.1:$port --timeout 300 --label "$label" \
+      --since "$t0" >>"$OUT/engine.jsonl" || { kill -9 $pid; return 1; }
+    _load 127.0.0.1:$port "$label"
+    kill -TERM $pid; wait $pid; echo "server exit $? ($label)" >>"$OUT/campaign.log"
+  done
+}
+
 decode_steps_sweep() {  # the ITL/throughput trade-off of multi-step decoding
   local port=50064
   for ds in ${DS_SWEEP:-1 4}; do

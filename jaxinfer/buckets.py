@@ -77,3 +77,19 @@ def decode_step_counts(engine: EngineConfig) -> tuple[int, ...]:
     """Decode tokens per dispatch that are compiled: 1 (beside prefill chunks) and
     `decode_steps` (decode-only steps)."""
     return tuple(sorted({1, engine.decode_steps}))
+
+
+def decode_variants(engine: EngineConfig) -> list[tuple[int, bool]]:
+    """(tokens per dispatch, full sampler) of the compiled decode programs. Decode-only steps
+    have both samplers (argmax for all-greedy batches); with multi-step decoding on, the
+    one-token steps that prefill chunks join always run the full sampler, which gives greedy
+    rows their argmax too: a few percent of the steps pay for a sort, and warm-up compiles a
+    quarter fewer programs."""
+    if engine.decode_steps == 1:
+        return [(1, False), (1, True)]
+    return [(1, True), (engine.decode_steps, False), (engine.decode_steps, True)]
+
+
+def decode_full(engine: EngineConfig, num_steps: int, wants_full: bool) -> bool:
+    """Which sampler a decode dispatch of `num_steps` runs (see `decode_variants`)."""
+    return wants_full or (num_steps == 1 and engine.decode_steps > 1)

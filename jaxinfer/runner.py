@@ -123,7 +123,7 @@ class Runner:
         eng = self.engine_cfg
         return ([("decode", b, w, steps, full)
                  for b, w in buckets.decode_shapes(eng)
-                 for steps in buckets.decode_step_counts(eng) for full in (False, True)]
+                 for steps, full in buckets.decode_variants(eng)]
                 + [("prefill", r, t) for r, t in buckets.prefill_shapes(eng)])
 
     def prefill_layout(self, chunk: int) -> packing.PrefillLayout:

@@ -376,8 +376,8 @@ class Scheduler:
             seq.inflight += 1
             if seq.index == 0 and seq.prompt_done_step < 0 and seq.num_computed >= seq.prompt_len:
                 seq.prompt_done_step = step
-        for seq in decode:
-            self.kv.register(seq.seq_id, seq.tokens, min(seq.num_computed, seq.num_tokens))
+        # (Decode rows need no registering here: their new positions hold pending tokens, and
+        # `_extend` registers the blocks their tokens complete.)
         for seq, _, _ in chunks:
             self.kv.register(seq.seq_id, seq.tokens, min(seq.num_computed, seq.num_tokens))
         self.num_preemptions += len(preempted)
@@ -502,7 +502,8 @@ class Scheduler:
         return SchedulerOutput(
             step=step, decode_seqs=decode, decode_inputs=decode_inputs,
             decode_rows_steps=np.asarray(rows_steps, np.int32), num_steps=num_steps if nd else 1,
-            decode_full=any(s.needs_full_sampler for s in decode),
+            decode_full=buckets.decode_full(cfg, num_steps if nd else 1,
+                                            any(s.needs_full_sampler for s in decode)),
             prefill_seqs=[c[0] for c in chunks], prefill_inputs=prefill,
             prefill_sample=np.asarray(samples, bool),
             prefill_lens=np.asarray([n for _, _, n in chunks], np.int32), prefill_shape=(r, t),
@@ -570,11 +571,13 @@ class Scheduler:
                 reason = "length"
                 break
         kept = tokens[:n]
-        seq.tokens[seq.num_tokens: seq.num_tokens + n] = kept
+        before = seq.num_tokens
+        seq.tokens[before: before + n] = kept
         seq.num_tokens += n
+        g = self.cfg.page_size
         if reason is not None:
             self._finish(seq, reason)
-        elif seq.status == RUNNING and n:
+        elif seq.status == RUNNING and seq.num_tokens // g > before // g:  # a block filled up
             self.kv.register(seq.seq_id, seq.tokens, min(seq.num_computed, seq.num_tokens))
         return TokenEvent(seq, kept, reason, is_prefill, row, 0)
 

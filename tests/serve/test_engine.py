@@ -403,8 +403,9 @@ def test_validation_and_capacity(engine):
         engine.max_queue = limit
     info = engine.info()
     assert info["limits"]["max_seq_len"] == 64 and info["limits"]["num_pages"] == 24
-    # decode (B 2, 4) x (1, 4 steps) x (greedy, full) + prefill (1, 8), (1, 16), (2, 8)
-    assert info["programs"] == 11
+    # decode (B 2, 4) x (1 step full, 4 steps greedy, 4 steps full) + prefill (1, 8), (1, 16),
+    # (2, 8)
+    assert info["programs"] == 9
 
 
 def test_drain_then_unavailable_and_no_recompiles(engine):
