@@ -54,13 +54,13 @@ engine() { offline; host; serving; decode_steps_sweep; }
 offline() {  # the bench drives the engine the server runs; batch 64 with prefill is the anchor
   step "offline bench $MODEL"
   timeout 200 $PY -m jaxinfer.bench --model "$MODEL" --batch ${OFFLINE_BATCH:-1,32,64} \
-    --prompt-len 128 --gen-len 256 --decode-steps ${DS:-8} --repeat 2 \
+    --prompt-len 128 --gen-len 256 --decode-steps ${DS:-4} --repeat 2 \
     >>"$OUT/engine.jsonl" 2>>"$OUT/bench.err"
 }
 
 host() {
   step "host time per engine step"
-  timeout 150 $PY benchmarks/engine_host_probe.py --model "$MODEL" --steps 1,${DS:-8} \
+  timeout 150 $PY benchmarks/engine_host_probe.py --model "$MODEL" --steps 1,${DS:-4} \
     >>"$OUT/engine.jsonl" 2>>"$OUT/bench.err"
 }
 
@@ -78,7 +78,7 @@ _load() {  # target label: saturation (256 at once), then 50% and 90% of its req
 
 serving() {  # time to SERVING cold and warm, saturation and 50%/90% load, host time (metrics)
   local cc=/tmp/jaxinfer_cc port=50061 mport=9161
-  local flags=(--model "$MODEL" --port $port --metrics-port $mport --decode-steps ${DS:-8}
+  local flags=(--model "$MODEL" --port $port --metrics-port $mport --decode-steps ${DS:-4}
                --compile-cache $cc --log-level INFO)
   rm -rf $cc
   for start in cold warm; do
@@ -90,7 +90,7 @@ serving() {  # time to SERVING cold and warm, saturation and 50%/90% load, host 
       --since "$t0" >>"$OUT/engine.jsonl" || { kill -9 $pid; return 1; }
     if [ $start = cold ]; then
       step "saturation + load sweep"
-      _load 127.0.0.1:$port "ds${DS:-8}"
+      _load 127.0.0.1:$port "ds${DS:-4}"
       scrape $mport >"$OUT/metrics_after.txt"
     fi
     kill -TERM $pid; wait $pid; echo "server exit $? ($start)" >>"$OUT/campaign.log"

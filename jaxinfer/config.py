@@ -147,7 +147,7 @@ class EngineConfig:
     `num_pages` None sizes the KV cache from the device memory left after the weights
     (`gpu_memory_utilization`, as vLLM does) on GPU, and to hold every decode slot at
     `max_seq_len` elsewhere; `kernels` "auto" is Pallas on GPU and the references elsewhere.
-    `resolved()` fills both in once the devices are known."""
+    `jaxinfer.engine.core.resolve_engine_config` fills both in once the devices are known."""
 
     page_size: int = 16  # G: tokens per KV page
     num_pages: int | None = None  # P: pages in the pool (page 0 is a valid page)

@@ -11,7 +11,6 @@ decided on the host by `jaxinfer.engine.kv_pages.KVPages` (reference counts, pre
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -89,10 +88,6 @@ def init_cache(model: ModelConfig, engine: EngineConfig, shardings: PagedKVCache
     make_scale = jax.jit(lambda: jnp.zeros(sshape, jnp.float32),
                          out_shardings=None if shardings is None else shardings.k_scale)
     return PagedKVCache(k=make(), v=make(), k_scale=make_scale(), v_scale=make_scale())
-
-
-def pages_needed(num_tokens: int, page_size: int) -> int:
-    return math.ceil(num_tokens / page_size)
 
 
 # vLLM's CPU backend default for the KV cache (VLLM_CPU_KVCACHE_SPACE): where a device reports

@@ -4,15 +4,17 @@ Each row has its own parameters and its own key; the key used for a token is
 `fold_in(row_key, position)`, so a row's samples depend only on its seed and where it is in its
 sequence, never on what else shares the batch (a property serving relies on).
 
-A decode step composes the pieces in this order (all inside one jitted function):
+A decode step composes the pieces in this order (all inside one jitted function,
+`jaxinfer.steps._choose`):
 
-    penalized = apply_penalties(logits, params, prompt_mask, output_counts)  # if uses_penalties()
+    penalized = apply_penalties(logits, params, prompt_mask, output_counts)
     tokens = sample(penalized, params, keys, positions, use_sampling=...)
     lp, top_ids, top_lp = token_logprobs(logits, tokens, k)  # the raw logits, if asked for
-    output_counts = count_tokens(output_counts, tokens, valid)
 
-Penalties need two [B, V] per-row tensors the caller keeps on device: `prompt_mask` (built once
-per sequence with `token_mask`) and `output_counts` (updated every step with `count_tokens`).
+Penalties need two [B, V] per-row tensors the caller keeps on device (`SlotState.prompt_mask`,
+built from a sequence's prompt chunks, and `SlotState.output_counts`, updated with every token
+it samples). Parameter values are checked once, on the host, by
+`jaxinfer.engine.request.validate_request`.
 Logprobs are of the model's raw distribution (before penalties, temperature and filters), which is
 what vLLM returns by default and what is comparable across sampling settings.
 """
@@ -23,9 +25,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxinfer.errors import RequestError
 from sharding.rules import constrain
 
 
@@ -43,76 +43,6 @@ class SamplingParams:
     repetition_penalty: jax.Array  # [B] float32
     presence_penalty: jax.Array  # [B] float32
     frequency_penalty: jax.Array  # [B] float32
-
-    @staticmethod
-    def make(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-             repetition_penalty=1.0, presence_penalty=0.0,
-             frequency_penalty=0.0) -> SamplingParams:
-        """Host-side constructor; each argument is a scalar or a length-`batch` sequence."""
-        def col(x, dtype):
-            try:
-                return np.broadcast_to(np.asarray(x, dtype=dtype), (batch,)).copy()
-            except (TypeError, ValueError) as e:
-                raise RequestError(f"sampling values must be numbers, one or {batch}: {e}") from e
-        params = SamplingParams(
-            temperature=col(temperature, np.float32), top_k=col(top_k, np.int32),
-            top_p=col(top_p, np.float32), min_p=col(min_p, np.float32),
-            repetition_penalty=col(repetition_penalty, np.float32),
-            presence_penalty=col(presence_penalty, np.float32),
-            frequency_penalty=col(frequency_penalty, np.float32))
-        validate(params)
-        return params
-
-    def uses_sampling(self) -> bool:
-        """Whether any row samples (host arrays only); all-greedy batches compile a cheaper step."""
-        return bool(np.any(np.asarray(self.temperature) > 0))
-
-    def uses_penalties(self) -> bool:
-        """Whether any row has a penalty on (host arrays only); batches without skip the
-        [B, V] penalty pass and the token counting."""
-        return bool(np.any(np.asarray(self.repetition_penalty) != 1)
-                    or np.any(np.asarray(self.presence_penalty) != 0)
-                    or np.any(np.asarray(self.frequency_penalty) != 0))
-
-    def pad(self, batch: int) -> SamplingParams:
-        """Pad rows to `batch` with greedy, unpenalized rows (host arrays)."""
-        def p(x, fill):
-            x = np.asarray(x)
-            return np.concatenate([x, np.full(batch - len(x), fill, x.dtype)])
-        return SamplingParams(temperature=p(self.temperature, 0), top_k=p(self.top_k, 0),
-                              top_p=p(self.top_p, 1), min_p=p(self.min_p, 0),
-                              repetition_penalty=p(self.repetition_penalty, 1),
-                              presence_penalty=p(self.presence_penalty, 0),
-                              frequency_penalty=p(self.frequency_penalty, 0))
-
-
-def validate(params: SamplingParams) -> None:
-    """Raise RequestError for values no sampler accepts (host arrays)."""
-    t, k, p, m = (np.asarray(params.temperature), np.asarray(params.top_k),
-                  np.asarray(params.top_p), np.asarray(params.min_p))
-    if not np.all(np.isfinite(t)) or np.any(t < 0):
-        raise RequestError(f"temperature must be a finite number >= 0, got {t.tolist()}")
-    if np.any(k < 0):
-        raise RequestError(f"top_k must be >= 0 (0 = off), got {k.tolist()}")
-    if not np.all((p > 0) & (p <= 1)):
-        raise RequestError(f"top_p must be in (0, 1], got {p.tolist()}")
-    if not np.all((m >= 0) & (m <= 1)):
-        raise RequestError(f"min_p must be in [0, 1], got {m.tolist()}")
-    r = np.asarray(params.repetition_penalty)
-    if not np.all(np.isfinite(r) & (r > 0)):
-        raise RequestError(f"repetition_penalty must be a finite number > 0 (1 = off), "
-                           f"got {r.tolist()}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = np.asarray(getattr(params, name))
-        # NaN fails both comparisons, so it is refused here too.
-        if not np.all((v >= -2) & (v <= 2)):
-            raise RequestError(f"{name} must be in [-2, 2] (0 = off), got {v.tolist()}")
-
-
-def row_keys(seeds) -> np.ndarray:
-    """Raw uint32 PRNG keys [B, 2] from integer seeds [B] (host)."""
-    seeds = np.asarray(seeds, dtype=np.uint64)
-    return np.stack([(seeds >> 32).astype(np.uint32), (seeds & 0xFFFFFFFF).astype(np.uint32)], -1)
 
 
 def _sample_row(logits: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array, m: jax.Array,
@@ -198,33 +128,6 @@ def apply_penalties(
     logits = jnp.where(logits > 0, logits / rep, logits * rep)
     logits = logits - params.frequency_penalty[:, None] * output_counts.astype(logits.dtype)
     return logits - params.presence_penalty[:, None] * in_output.astype(logits.dtype)
-
-
-def token_mask(
-    tokens: jax.Array,  # [B, T] int32
-    valid: jax.Array,  # [B, T] bool: which entries are real tokens (not padding)
-    vocab: int,
-) -> jax.Array:
-    """[B, V] bool: which vocabulary entries occur among each row's valid tokens (a prompt
-    mask for `apply_penalties`). Ids outside [0, vocab) are ignored."""
-    b = tokens.shape[0]
-    counts = count_tokens(jnp.zeros((b, vocab), jnp.int32), tokens, valid)
-    return counts > 0
-
-
-def count_tokens(
-    output_counts: jax.Array,  # [B, V] int32
-    tokens: jax.Array,  # [B] or [B, T] int32
-    valid: jax.Array,  # same shape as tokens, bool
-) -> jax.Array:
-    """`output_counts` [B, V] with one added at each valid (row, token): a scatter-add, cheap
-    enough to run inside every jitted decode step. Accepts several tokens per row ([B, T]), as a
-    speculative step accepts. Ids outside [0, V) are dropped."""
-    if tokens.ndim == 1:
-        tokens, valid = tokens[:, None], valid[:, None]
-    b, t = tokens.shape
-    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
-    return output_counts.at[rows, tokens].add(valid.astype(output_counts.dtype), mode="drop")
 
 
 def token_logprobs(

@@ -218,8 +218,10 @@ def prefill_step(graphdef, params, cache: PagedKVCache, state: SlotState, inputs
     real = length > 0
     slot = jnp.where(real, slot, scratch)
     j = jnp.arange(layout.chunk, dtype=jnp.int32)
-    positions = start[:, None] + j[None, :]  # [R, T]
     in_chunk = j[None, :] < length[:, None]
+    # Padding columns sit at position 0: dynamic RoPE scaling reads a row's largest position
+    # as its length, so they must not count.
+    positions = jnp.where(in_chunk, start[:, None] + j[None, :], 0)  # [R, T]
     writes = _write_slots(bt, positions, in_chunk, g)
     seq_lens = jnp.where(real, start + length, 0)
     last_index = jnp.maximum(length - 1, 0)
@@ -380,8 +382,9 @@ def verify_step(graphdef, params, cache: PagedKVCache, inputs: jax.Array, *, opt
     tok, bt = inputs[:, :chunk], inputs[:, chunk: chunk + width]
     start, length = inputs[:, chunk + width], inputs[:, chunk + width + 1]
     j = jnp.arange(chunk, dtype=jnp.int32)
-    positions = start[:, None] + j[None, :]
-    writes = _write_slots(bt, positions, j[None, :] < length[:, None], cache.page_size)
+    real = j[None, :] < length[:, None]
+    positions = jnp.where(real, start[:, None] + j[None, :], 0)  # padding: see prefill_step
+    writes = _write_slots(bt, positions, real, cache.page_size)
     seq_lens = jnp.where(length > 0, start + length, 0)
 
     def collect(x, rows):

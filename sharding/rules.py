@@ -135,13 +135,6 @@ def tree_shardings(mesh: jax.sharding.Mesh, axes_tree, rules: Rules = DEFAULT_RU
                         axes_tree, shapes, is_leaf=_is_axes)
 
 
-def manual_spec(names: Sequence[str | None], manual_axes: Sequence[str],
-                rules: Rules = DEFAULT_RULES) -> PartitionSpec:
-    """The `shard_map` in/out spec of an array: only its manual (pp) axes are named; the
-    automatic tp axis is carried by the array's own sharding."""
-    return logical_to_spec(names, rules, tuple(manual_axes))
-
-
 def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> jax.Array:
     """Constrain an activation's sharding by logical names; a no-op without a context mesh.
 

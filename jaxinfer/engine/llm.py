@@ -29,9 +29,9 @@ from jaxinfer.engine.core import EngineCore
 from jaxinfer.engine.output import OutputProcessor
 from jaxinfer.engine.request import (FinishReason, Limits, Request, TokenLogprob,
                                      validate_request)
-from jaxinfer.model_loader import LoadedModel, load_model
+from jaxinfer.model_loader import LoadedModel, load_model, load_model_config
 from jaxinfer.tokenizer import Tokenizer
-from sharding.mesh import MeshSpec, make_mesh, replica_meshes
+from sharding.mesh import MeshSpec, check_model_fits, make_mesh, replica_meshes
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class LLM:
         """Load `model` (a preset or a directory) once per dp replica of `mesh`."""
         if isinstance(mesh, str):
             mesh = make_mesh(mesh)
+        # One line naming the whole mesh (each replica's own check would name dp=1).
+        check_model_fits(MeshSpec.of(mesh), load_model_config(model))
         cores, loaded = [], None
         for sub in replica_meshes(mesh):
             loaded = load_model(model, mesh=sub, dtype=dtype, seed=seed,
@@ -221,7 +223,7 @@ class LLM:
 
 def _gather(results: dict, requests: Sequence[Request]) -> dict:
     """Every process's completions to every process (a multi-host run where some replicas'
-    devices are on other processes): token ids, text and finish reason by JSON bytes."""
+    devices are on other processes), as JSON bytes (`Completion.to_json`)."""
     import json
 
     from jax.experimental import multihost_utils
@@ -239,8 +241,12 @@ def _gather(results: dict, requests: Sequence[Request]) -> dict:
         for rid, comps in part.items():
             for i, c in enumerate(comps):
                 if c is not None and merged[rid][i] is None:
-                    merged[rid][i] = Completion(prompt_ids=c["prompt_ids"],
-                                                token_ids=c["token_ids"], text=c["text"],
-                                                finish_reason=c["finish_reason"],
-                                                index=c.get("index", 0))
+                    lps = c.get("logprobs")
+                    merged[rid][i] = Completion(
+                        prompt_ids=c["prompt_ids"], token_ids=c["token_ids"], text=c["text"],
+                        finish_reason=c["finish_reason"], index=c.get("index", 0),
+                        error=c.get("error"),
+                        logprobs=None if lps is None else [
+                            TokenLogprob(token_id=x["token_id"], logprob=x["logprob"],
+                                         top=tuple((t, v) for t, v in x["top"])) for x in lps])
     return merged

@@ -1,7 +1,8 @@
 import pytest
 
+from jaxinfer import buckets
 from jaxinfer.config import PRESETS, EngineConfig, ModelConfig, RopeScaling, preset, replace
-from jaxinfer.errors import ConfigError
+from jaxinfer.errors import CapacityError, ConfigError
 
 
 def test_presets_are_consistent():
@@ -28,7 +29,33 @@ def test_engine_config_errors():
         EngineConfig(kernels="cuda")
     with pytest.raises(ConfigError, match="no field"):
         replace(EngineConfig(), pagesize=4)
-    assert EngineConfig(max_seq_len=100, page_size=16).page_table_buckets == (1, 2, 4, 7)
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        EngineConfig(batch_buckets=(8, 1024), max_num_batched_tokens=512,
+                     prefill_buckets=(128,))
+    with pytest.raises(ConfigError, match="page_buckets"):  # must reach pages_per_seq (7)
+        EngineConfig(max_seq_len=100, page_size=16, page_buckets=(1, 2, 4))
+    with pytest.raises(ConfigError, match="tp_reduce_dtype"):
+        EngineConfig(tp_reduce_dtype="int8")
+
+
+def test_engine_buckets():
+    """The compiled shapes come from one bucket set: decode block-table widths are the full
+    width unless `page_buckets` lists more; prefill shapes are rows x chunks within the token
+    budget; decode runs 1 or `decode_steps` tokens per dispatch."""
+    eng = EngineConfig(max_seq_len=100, page_size=16, batch_buckets=(8, 16))
+    assert eng.pages_per_seq == 7 and buckets.page_widths(eng) == (7,)
+    narrow = replace(eng, page_buckets=(1, 2, 4, 7))
+    assert buckets.page_widths(narrow) == (1, 2, 4, 7)
+    assert buckets.decode_shape(narrow, 3, 3) == (8, 4)
+    eng = EngineConfig(batch_buckets=(4, 8), prefill_buckets=(32, 128), prefill_rows=(1, 4),
+                       max_num_batched_tokens=128, decode_steps=4)
+    assert eng.num_slots == 8
+    assert buckets.prefill_shapes(eng) == [(1, 32), (1, 128), (4, 32)]
+    assert buckets.prefill_shape(eng, 2, 20) == (4, 32)
+    assert buckets.prefill_shape(eng, 2, 100) is None
+    assert buckets.decode_step_counts(eng) == (1, 4)
+    with pytest.raises(CapacityError):
+        buckets.decode_shape(eng, 9, 1)
 
 
 def test_rope_scaling_validation_and_json_round_trip():

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from checkpoints import convert  # noqa: E402
 from jaxinfer.config import EngineConfig  # noqa: E402
-from jaxinfer.generate import Generator  # noqa: E402
+from jaxinfer.engine.llm import LLM  # noqa: E402
 from jaxinfer.model_loader import load_model  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
 
@@ -70,12 +70,18 @@ def _hf_greedy(model, prompt: list[int]) -> tuple[list[int], np.ndarray]:
     return out[0, len(prompt):].tolist(), logits
 
 
-def _generator(model_dir) -> Generator:
+def _llm(model_dir) -> LLM:
     mesh = make_mesh("dp=1", devices=[__import__("jax").devices()[0]])
     loaded = load_model(str(model_dir), mesh=mesh, dtype="float32")
     engine = EngineConfig(page_size=4, num_pages=128, max_seq_len=64, dtype="float32",
-                          prefill_buckets=(8, 16), batch_buckets=(1, 2, 4), decode_steps=5)
-    return Generator(loaded, engine, mesh=mesh)
+                          prefill_buckets=(8, 16), prefill_rows=(1, 4), batch_buckets=(1, 4),
+                          decode_steps=5)
+    return LLM.from_loaded(loaded, engine, mesh=mesh)
+
+
+def _greedy(llm: LLM, prompts) -> list[list[int]]:
+    out = llm.generate([llm.request(p, max_tokens=NEW_TOKENS) for p in prompts])
+    return [c.token_ids for [c] in out]
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -91,39 +97,30 @@ def case(request, tmp_path_factory):
     return name, hf_dir, expected
 
 
-def _check_logits(gen: Generator, expected) -> None:
-    runner = gen.runner
+def _check_logits(llm: LLM, expected) -> None:
     for prompt, (_, hf_logits) in zip(PROMPTS, expected):
-        pages = gen.allocator.allocate(8)
-        try:
-            from jaxinfer.sampling import SamplingParams, row_keys
-            gen.cache, _, logits = runner.prefill(
-                gen.cache, tokens=[np.asarray(prompt)], start=[0], block_tables=[pages],
-                sampling=SamplingParams.make(1), keys=row_keys([0]))
-        finally:
-            gen.allocator.free(pages)
-        np.testing.assert_allclose(np.asarray(logits)[0], hf_logits, atol=LOGIT_ATOL, rtol=0)
+        logits = llm.prompt_logits(prompt)  # [len(prompt), V], through the verify program
+        assert logits.shape == (len(prompt), hf_logits.shape[0])
+        np.testing.assert_allclose(logits[-1], hf_logits, atol=LOGIT_ATOL, rtol=0)
+    assert llm.pages_used() == 0
 
 
 def test_hf_dir_logits_and_greedy_tokens(case):
     name, hf_dir, expected = case
-    gen = _generator(hf_dir)
-    _check_logits(gen, expected)
+    llm = _llm(hf_dir)
+    _check_logits(llm, expected)
     # Each prompt alone, then all together in one batch of different lengths.
     for prompt, (tokens, _) in zip(PROMPTS, expected):
-        [c] = gen.generate([prompt], max_new_tokens=NEW_TOKENS)
-        assert c.token_ids == tokens, name
-    batch = gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
-    assert [c.token_ids for c in batch] == [t for t, _ in expected]
-    assert gen.allocator.num_used == 0
-    gen.allocator.check()
+        assert _greedy(llm, [prompt]) == [tokens], name
+    assert _greedy(llm, PROMPTS) == [t for t, _ in expected]
+    assert llm.pages_used() == 0
+    llm.core.scheduler.kv.check()
 
 
 def test_converted_dir_greedy_tokens(case, tmp_path):
     name, hf_dir, expected = case
     out = tmp_path / "converted"
     assert convert.main(["--hf-dir", str(hf_dir), "--out", str(out), "--dtype", "float32"]) == 0
-    gen = _generator(out)
-    _check_logits(gen, expected)
-    batch = gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
-    assert [c.token_ids for c in batch] == [t for t, _ in expected]
+    llm = _llm(out)
+    _check_logits(llm, expected)
+    assert _greedy(llm, PROMPTS) == [t for t, _ in expected]

@@ -29,9 +29,8 @@ pytest.importorskip("transformers")
 
 from jaxinfer import generate  # noqa: E402
 from jaxinfer.config import EngineConfig  # noqa: E402
-from jaxinfer.generate import Generator  # noqa: E402
+from jaxinfer.engine.llm import LLM  # noqa: E402
 from jaxinfer.model_loader import load_model  # noqa: E402
-from jaxinfer.sampling import SamplingParams, row_keys  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
 from tests.jaxinfer.test_hf_parity import _hf_model  # noqa: E402
 
@@ -73,11 +72,16 @@ def test_chunked_prefill_pallas_matches_reference(hf_dir):
     tokens = {}
     for kernels in ("reference", "pallas"):
         engine = EngineConfig(page_size=4, num_pages=64, max_seq_len=48, dtype="float32",
-                              prefill_buckets=(8, 16), batch_buckets=(2,), decode_steps=4,
-                              kernels=kernels)
-        gen = Generator(loaded, engine, mesh=mesh)
-        tokens[kernels] = [c.token_ids for c in gen.generate(prompts, max_new_tokens=4)]
+                              prefill_buckets=(8, 16), prefill_rows=(2,), batch_buckets=(2,),
+                              decode_steps=4, kernels=kernels)
+        tokens[kernels] = _greedy(LLM.from_loaded(loaded, engine, mesh=mesh), prompts, 4)
+    assert [len(t) for t in tokens["reference"]] == [4, 4]
     assert tokens["pallas"] == tokens["reference"]
+
+
+def _greedy(llm: LLM, prompts, max_tokens: int) -> list[list[int]]:
+    out = llm.generate([llm.request(p, max_tokens=max_tokens) for p in prompts])
+    return [c.token_ids for [c] in out]
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -87,16 +91,9 @@ def _first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _reference_margin(gen: Generator, context: list[int], a: int, b: int) -> float:
-    """logit[a] - logit[b] after `context`, from one reference-kernel prefill."""
-    pages = gen.allocator.allocate(-(-len(context) // gen.engine_cfg.page_size))
-    try:
-        gen.cache, _, logits = gen.runner.prefill(
-            gen.cache, tokens=[np.asarray(context, np.int32)], start=[0], block_tables=[pages],
-            sampling=SamplingParams.make(1), keys=row_keys([0]))
-    finally:
-        gen.allocator.free(pages)
-    row = np.asarray(logits, np.float32)[0]
+def _reference_margin(llm: LLM, context: list[int], a: int, b: int) -> float:
+    """logit[a] - logit[b] after `context`, from the reference kernels' verify program."""
+    row = llm.prompt_logits(context)[-1]
     return float(row[a] - row[b])
 
 
@@ -108,18 +105,17 @@ def test_llama_1b_shape_bf16_pallas_matches_reference():
     loaded = load_model("llama-3.2-1b-shape", mesh=mesh, dtype="bfloat16", seed=0)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 128000, 100).tolist(), rng.integers(0, 128000, 37).tolist()]
-    tokens, gens = {}, {}
+    tokens, llms = {}, {}
     for kernels in ("reference", "pallas"):
         engine = EngineConfig(page_size=16, num_pages=64, max_seq_len=256, dtype="bfloat16",
                               batch_buckets=(1, 2), kernels=kernels)
-        gens[kernels] = Generator(loaded, engine, mesh=mesh)
-        tokens[kernels] = [c.token_ids for c in gens[kernels].generate(prompts,
-                                                                        max_new_tokens=32)]
+        llms[kernels] = LLM.from_loaded(loaded, engine, mesh=mesh)
+        tokens[kernels] = _greedy(llms[kernels], prompts, 32)
     for i, (want, got) in enumerate(zip(tokens["reference"], tokens["pallas"])):
         assert len(want) == 32
         step = _first_divergence(want, got)
         if step is not None:  # say whether the reference itself saw a near-tie there
-            margin = _reference_margin(gens["reference"], prompts[i] + want[:step], want[step],
+            margin = _reference_margin(llms["reference"], prompts[i] + want[:step], want[step],
                                        got[step])
             msg = (f"prompt {i}: pallas diverges from reference at generated token {step} "
                    f"(context {len(prompts[i]) + step}): {got[step:step + 4]} vs "

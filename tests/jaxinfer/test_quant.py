@@ -24,7 +24,7 @@ from flax import nnx
 from jaxinfer import ops, quant
 from jaxinfer.config import EngineConfig
 from jaxinfer.errors import ConfigError
-from jaxinfer.generate import Generator
+from jaxinfer.engine.llm import LLM
 from jaxinfer.kv_cache import cache_axes, init_cache
 from jaxinfer.model_loader import load_model
 from jaxinfer.quant import QuantArray
@@ -197,13 +197,16 @@ def hf_llama(tmp_path_factory):
     return _hf_dir(tmp_path_factory, tie=False)
 
 
-def _generator(model_dir, quant_mode, kernels: str = "reference") -> Generator:
-    mesh = _one_device()
-    loaded = load_model(str(model_dir), mesh=mesh, dtype="float32", quant=quant_mode)
+def _llm(loaded, kernels: str = "reference") -> LLM:
     engine = EngineConfig(page_size=8, num_pages=64, max_seq_len=64, dtype="float32",
-                          prefill_buckets=(16,), batch_buckets=(1,), decode_steps=8,
-                          kernels=kernels)
-    return Generator(loaded, engine, mesh=mesh)
+                          prefill_buckets=(16,), prefill_rows=(1,), batch_buckets=(1,),
+                          decode_steps=8, kernels=kernels)
+    return LLM.from_loaded(loaded, engine, mesh=_one_device())
+
+
+def _greedy(llm: LLM, prompt: list[int], max_tokens: int) -> list[int]:
+    [[out]] = llm.generate([llm.request(prompt, max_tokens=max_tokens)])
+    return out.token_ids
 
 
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 11, 200, 3]
@@ -233,12 +236,13 @@ def test_int8_and_fp8_stay_close_to_float(hf_llama):
     """Along the float model's own greedy continuation (teacher forced, so one early flip does
     not change every later comparison), the quantized models' logits stay within a fraction
     of the logit range and their argmax agrees at most positions."""
-    ref = _generator(hf_llama, None)
-    assert ref.loaded.quant == "none"
-    [ref_out] = ref.generate([PROMPT], max_new_tokens=24)
-    ids = PROMPT + ref_out.token_ids
-    ref_logits = _all_logits(ref.loaded, ids)[len(PROMPT) - 1:-1]  # predicts ref_out
-    assert (ref_logits.argmax(-1) == np.asarray(ref_out.token_ids)).all()
+    ref_loaded = load_model(str(hf_llama), mesh=_one_device(), dtype="float32")
+    ref = _llm(ref_loaded)
+    assert ref.quant == "none"
+    ref_tokens = _greedy(ref, PROMPT, 24)
+    ids = PROMPT + ref_tokens
+    ref_logits = _all_logits(ref_loaded, ids)[len(PROMPT) - 1:-1]  # predicts ref_tokens
+    assert (ref_logits.argmax(-1) == np.asarray(ref_tokens)).all()
     spread = float(np.mean(ref_logits.max(-1) - ref_logits.min(-1)))
     # Measured here: int8 rms 0.05, max 4% of the range, argmax 96%; fp8 (activations too)
     # rms 0.25, max 24%, argmax 83%. This random model amplifies errors: on the trained
@@ -261,12 +265,12 @@ def test_int8_and_fp8_stay_close_to_float(hf_llama):
 
 def test_pallas_and_reference_kernels_give_equal_greedy_tokens(hf_llama):
     """Untied lm_head is quantized too (int8), so the head goes through the kernel as well."""
-    ref = _generator(hf_llama, "int8", "reference")
-    assert isinstance(ref.loaded.params["lm_head"], QuantArray)
-    pal = _generator(hf_llama, "int8", "pallas")
-    [a] = ref.generate([PROMPT], max_new_tokens=12)
-    [b] = pal.generate([PROMPT], max_new_tokens=12)
-    assert a.token_ids == b.token_ids
+    loaded = load_model(str(hf_llama), mesh=_one_device(), dtype="float32", quant="int8")
+    assert isinstance(loaded.params["lm_head"], QuantArray)
+    ref, pal = _llm(loaded, "reference"), _llm(loaded, "pallas")
+    assert ref.quant == pal.quant == "int8"
+    a = _greedy(ref, PROMPT, 12)
+    assert len(a) == 12 and _greedy(pal, PROMPT, 12) == a
 
 
 # -- trained TinyStories models: NLL delta -------------------------------------------------------

@@ -3,13 +3,32 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.engine import packing
+from jaxinfer.engine.request import Limits, Request, SamplingOptions, validate_request
 from jaxinfer.errors import RequestError
-from jaxinfer.sampling import SamplingParams, greedy_tokens, row_keys, sample
+from jaxinfer.sampling import SamplingParams, greedy_tokens, sample
+
+
+def _params(b, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+            presence_penalty=0.0, frequency_penalty=0.0) -> SamplingParams:
+    """Per-row parameters [b] (scalars or length-b sequences), as the device unpacks them."""
+    def col(x, dtype):
+        return jnp.asarray(np.broadcast_to(np.asarray(x, dtype), (b,)).copy())
+    return SamplingParams(temperature=col(temperature, np.float32), top_k=col(top_k, np.int32),
+                          top_p=col(top_p, np.float32), min_p=col(min_p, np.float32),
+                          repetition_penalty=col(repetition_penalty, np.float32),
+                          presence_penalty=col(presence_penalty, np.float32),
+                          frequency_penalty=col(frequency_penalty, np.float32))
+
+
+def row_keys(seeds) -> np.ndarray:
+    """Raw uint32 keys [B, 2] of integer seeds, as `packing.seed_key` packs them."""
+    return np.array([packing.seed_key(s) for s in seeds], np.int32).view(np.uint32)
 
 
 def _draw(logits, n=2000, **kw):
     b = n
-    params = SamplingParams.make(b, **kw)
+    params = _params(b, **kw)
     lg = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (b, len(logits)))
     toks = sample(lg, params, jnp.asarray(row_keys(np.arange(b))), jnp.zeros(b, jnp.int32),
                   use_sampling=True)
@@ -21,7 +40,7 @@ LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03]))
 
 def test_greedy_rows_are_argmax():
     lg = jnp.asarray(np.random.default_rng(0).standard_normal((4, 50)), jnp.float32)
-    p = SamplingParams.make(4, temperature=[0.0, 0.0, 1.0, 0.0])
+    p = _params(4, temperature=[0.0, 0.0, 1.0, 0.0])
     toks = np.asarray(sample(lg, p, jnp.asarray(row_keys(range(4))), jnp.zeros(4, jnp.int32),
                              use_sampling=True))
     want = np.asarray(jnp.argmax(lg, -1))
@@ -44,21 +63,30 @@ def test_top_k_top_p_min_p_filters():
 def test_same_seed_same_position_same_token_independent_of_batch():
     rng = np.random.default_rng(3)
     lg = rng.standard_normal((3, 100)).astype(np.float32)
-    p3 = SamplingParams.make(3, temperature=1.0)
+    p3 = _params(3, temperature=1.0)
     keys = row_keys([11, 12, 13])
     pos = jnp.array([5, 6, 7])
     batch = np.asarray(sample(jnp.asarray(lg), p3, jnp.asarray(keys), pos, use_sampling=True))
-    alone = np.asarray(sample(jnp.asarray(lg[1:2]), SamplingParams.make(1, temperature=1.0),
+    alone = np.asarray(sample(jnp.asarray(lg[1:2]), _params(1, temperature=1.0),
                               jnp.asarray(keys[1:2]), pos[1:2], use_sampling=True))
     assert batch[1] == alone[0]
+
+
+LIMITS = Limits(vocab_size=50, max_seq_len=64, max_tokens=63, max_n=2, max_logprobs=2,
+                max_stop_token_ids=4)
+
+
+def _check(**kw):
+    validate_request(Request(request_id="r", prompt_ids=[1], max_tokens=4,
+                             sampling=SamplingOptions(**kw)), LIMITS)
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(temperature=float("nan")),
                                 dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
                                 dict(min_p=2.0)])
 def test_bad_values_raise(kw):
-    with pytest.raises(RequestError):
-        SamplingParams.make(2, **kw)
+    with pytest.raises(RequestError, match=next(iter(kw))):
+        _check(**kw)
 
 
 # -- penalties, logprobs, counting ---------------------------------------------------------------
@@ -83,7 +111,7 @@ def test_apply_penalties_matches_reference():
     prompt_mask = rng.random((b, v)) < 0.3
     counts = (rng.integers(0, 4, (b, v)) * (rng.random((b, v)) < 0.3)).astype(np.int32)
     rep, pres, freq = [1.3, 0.7, 1.0, 2.0], [0.5, -0.5, 0.0, 2.0], [0.25, 0.0, -1.0, 1.5]
-    p = SamplingParams.make(b, repetition_penalty=rep, presence_penalty=pres,
+    p = _params(b, repetition_penalty=rep, presence_penalty=pres,
                             frequency_penalty=freq)
     got = np.asarray(apply_penalties(jnp.asarray(logits), p, jnp.asarray(prompt_mask),
                                      jnp.asarray(counts)))
@@ -95,28 +123,26 @@ def test_apply_penalties_matches_reference():
     np.testing.assert_array_equal(got[2, only_prompt], logits[2, only_prompt])
 
 
-def test_penalties_off_is_identity_and_uses_penalties():
+def test_penalties_off_is_identity():
     from jaxinfer.sampling import apply_penalties
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((3, 11)).astype(np.float32)
-    p = SamplingParams.make(3)
-    assert not p.uses_penalties()
+    p = _params(3)
     out = apply_penalties(jnp.asarray(logits), p, jnp.ones((3, 11), bool),
                           jnp.full((3, 11), 2, jnp.int32))
     np.testing.assert_array_equal(np.asarray(out), logits)
-    assert SamplingParams.make(3, presence_penalty=[0, 0, 0.1]).uses_penalties()
-    assert SamplingParams.make(3, repetition_penalty=1.1).uses_penalties()
-    padded = SamplingParams.make(2, frequency_penalty=1.0, temperature=0.5).pad(4)
-    np.testing.assert_array_equal(padded.frequency_penalty, [1, 1, 0, 0])
-    np.testing.assert_array_equal(padded.repetition_penalty, [1, 1, 1, 1])
-    np.testing.assert_array_equal(padded.temperature, [0.5, 0.5, 0, 0])
+    floats, ints = packing.sampling_row()
+    assert not packing.is_penalized(floats) and not packing.needs_full_sampler(floats, ints)
+    assert packing.is_penalized(packing.sampling_row(presence_penalty=0.1)[0])
+    assert packing.needs_full_sampler(*packing.sampling_row(logprobs=1))
+    assert packing.needs_full_sampler(*packing.sampling_row(temperature=0.5))
 
 
 def test_repetition_penalty_changes_greedy_choice():
     from jaxinfer.sampling import apply_penalties
     logits = jnp.asarray([[2.0, 1.9, -1.0], [2.0, 1.9, -1.0]])
     counts = jnp.asarray([[1, 0, 0], [1, 0, 0]], jnp.int32)
-    p = SamplingParams.make(2, repetition_penalty=[1.2, 1.0])
+    p = _params(2, repetition_penalty=[1.2, 1.0])
     pen = apply_penalties(logits, p, jnp.zeros((2, 3), bool), counts)
     toks = sample(pen, p, jnp.asarray(row_keys([0, 1])), jnp.zeros(2, jnp.int32),
                   use_sampling=False)
@@ -145,27 +171,6 @@ def test_token_logprobs_match_numpy():
         token_logprobs(jnp.asarray(logits), jnp.asarray(tokens), 21)
 
 
-def test_count_tokens_and_token_mask_under_jit():
-    import jax
-
-    from jaxinfer.sampling import count_tokens, token_mask
-    counts = jnp.zeros((3, 6), jnp.int32)
-    step = jax.jit(count_tokens)
-    counts = step(counts, jnp.array([1, 2, 3]), jnp.array([True, True, False]))
-    counts = step(counts, jnp.array([1, 5, 0]), jnp.array([True, True, True]))
-    want = np.zeros((3, 6), np.int32)
-    want[0, 1] = 2
-    want[1, 2] = want[1, 5] = want[2, 0] = 1
-    np.testing.assert_array_equal(np.asarray(counts), want)
-    # several tokens per row (a speculative step), with padding
-    multi = count_tokens(jnp.zeros((2, 4), jnp.int32), jnp.array([[3, 3, 0], [1, 2, 2]]),
-                         jnp.array([[True, True, False], [True, False, True]]))
-    np.testing.assert_array_equal(np.asarray(multi), [[0, 0, 0, 2], [0, 1, 1, 0]])
-    m = token_mask(jnp.array([[3, 3, 0], [1, 2, 2]]),
-                   jnp.array([[True, True, False], [True, False, True]]), 4)
-    np.testing.assert_array_equal(np.asarray(m), [[0, 0, 0, 1], [0, 1, 1, 0]])
-
-
 def test_filters_per_row_and_greedy_rows_unaffected():
     # One batch mixing every filter; each row must draw only from its own allowed set,
     # and greedy rows with hostile filter settings must still return the argmax.
@@ -177,7 +182,7 @@ def test_filters_per_row_and_greedy_rows_unaffected():
     b = len(rows) * n
     cols = {k: [r.get(k, d) for r in rows for _ in range(n)]
             for k, d in dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0).items()}
-    params = SamplingParams.make(b, **cols)
+    params = _params(b, **cols)
     lg = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (b, len(LOGITS)))
     toks = np.asarray(sample(lg, params, jnp.asarray(row_keys(np.arange(b))),
                              jnp.zeros(b, jnp.int32), use_sampling=True)).reshape(len(rows), n)
@@ -190,10 +195,15 @@ def test_filters_per_row_and_greedy_rows_unaffected():
 @pytest.mark.parametrize("kw", [dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0),
                                 dict(repetition_penalty=float("inf")),
                                 dict(presence_penalty=2.5), dict(presence_penalty=float("nan")),
-                                dict(frequency_penalty=-3.0), dict(temperature=[1.0, 2.0, 3.0])])
+                                dict(frequency_penalty=-3.0), dict(seed=-1)])
 def test_bad_penalties_raise(kw):
-    with pytest.raises(RequestError):
-        SamplingParams.make(2, **kw)
+    with pytest.raises(RequestError, match=next(iter(kw))):
+        _check(**kw)
+
+
+def test_neutral_values_pass():
+    _check(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, repetition_penalty=1.2,
+           presence_penalty=-2, frequency_penalty=2, seed=0)
 
 
 def test_greedy_tokens_is_argmax_first_of_ties():

@@ -55,7 +55,9 @@ def test_stream_prints_pieces_as_they_arrive(server):
     want = "".join(map(chr, expected_tokens([1, 2], 12)))
     assert out.getvalue() == want + "\n"
     pieces = out.times[:-1]  # the last write is the closing newline
-    assert len(pieces) >= 3 and pieces[-1] - pieces[0] > 0.15  # spread over the stream
+    # Spread over the stream (12 tokens 30 ms apart): a loaded machine may merge a few
+    # messages, but never all of them into one write at the end.
+    assert len(pieces) >= 2 and pieces[-1] - pieces[0] > 0.1
 
 
 def test_unary_text_ids_and_json(server):

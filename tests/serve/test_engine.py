@@ -132,7 +132,7 @@ def submit(engine, col, rid, prompt, max_tokens, **kw):
                   col)
 
 
-def wait_idle(engine, timeout=10):
+def wait_idle(engine, timeout=60):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         s = engine.stats()

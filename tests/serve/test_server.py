@@ -43,7 +43,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _wait_for(pred, timeout: float = 10.0, what: str = "condition"):
+def _wait_for(pred, timeout: float = 60.0, what: str = "condition"):
+    """Poll `pred` until it holds; the bound is generous (it returns as soon as it holds), so
+    a loaded CI machine does not fail a test that is merely slow."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = pred()
@@ -510,8 +512,7 @@ def _fillers(real, stub, n: int) -> list:
     _idle(real)
     calls = [stub.Generate(FILLER, timeout=120) for _ in range(n)]
     slots = real.engine.info()["limits"]["max_running"]
-    _wait_for(lambda: real.engine.stats()["running"] >= min(n, slots), timeout=30,
-              what="fillers running")
+    _wait_for(lambda: real.engine.stats()["running"] >= min(n, slots), what="fillers running")
     return calls
 
 
@@ -531,7 +532,7 @@ def test_cancel_mid_stream_frees_pages(real, channel, spy):
     _wait_for(lambda: spy["finish"].get(rid) == ["cancelled"], what="cancelled output")
     for f in fillers:
         f.cancel()
-    _wait_for(lambda: real.pages_used() == 0, timeout=5, what="pages freed after cancel")
+    _wait_for(lambda: real.pages_used() == 0, what="pages freed after cancel")
     ok = stub.GenerateUnary(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[4]),
                                                sampling=pb.SamplingParams(max_tokens=3)),
                             timeout=30)
@@ -554,7 +555,7 @@ def test_deadline_exceeded_frees_pages(real, channel, spy):
               or "deadline" in spy["finish"].get(rid, []), what="deadline in the engine")
     for f in fillers:
         f.cancel()
-    _wait_for(lambda: real.pages_used() == 0, timeout=10, what="pages freed")
+    _wait_for(lambda: real.pages_used() == 0, what="pages freed")
 
 
 def test_queue_full_is_resource_exhausted_on_the_real_engine(real, channel):

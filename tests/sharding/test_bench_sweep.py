@@ -30,7 +30,8 @@ def test_sweep_rows_table_and_chart(capsys, tmp_path, monkeypatch):
     assert "tp=3 does not divide num_heads=4" in by[("dp=1,pp=1,tp=3", None, "skipped")]["reason"]
     speedup = by[("dp=2,pp=1,tp=2", 2, "decode_speedup")]
     assert speedup["baseline_mesh"] == "dp=1,pp=1,tp=1" and speedup["value"] > 0
-    # tp=2 splits the weights, dp=2 the KV pages: less state on the fullest device.
+    # tp=2 splits the weights; each dp=2 replica holds only its half of the batch's KV pages:
+    # less state on the fullest device.
     assert (by[("dp=2,pp=1,tp=2", 2, "state_gb_per_device")]["value"]
             < by[("dp=1,pp=1,tp=1", 2, "state_gb_per_device")]["value"])
     assert "skipping mesh dp=1,pp=1,tp=16: needs 16 devices, 8 present" in err

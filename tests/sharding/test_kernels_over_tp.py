@@ -5,6 +5,8 @@ and int8 caches; interpret mode on 8 fake CPU devices."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,10 +199,36 @@ def test_vocab_parallel_embedding(tp, vocab):
 
 def test_tp_reduce_dtype(monkeypatch):
     """tp all-reduces: float32 where kernels are interpreted (CPU), the activations' dtype on
-    GPU (measured faster there), and `TP_REDUCE_DTYPE` wins when set."""
+    GPU (measured faster there), and `EngineConfig.tp_reduce_dtype` wins when set: it reaches
+    the runner's step options and the row-parallel psum's dtype in the lowered program."""
     assert ops.tp_reduce_dtype(jnp.bfloat16) == jnp.float32
+    assert ops.tp_reduce_dtype(jnp.float32, "bfloat16") == jnp.bfloat16
     monkeypatch.setattr(ops, "use_interpret", lambda: False)
     assert ops.tp_reduce_dtype(jnp.bfloat16) == jnp.bfloat16
     assert ops.tp_reduce_dtype(jnp.float32) == jnp.float32
-    monkeypatch.setattr(ops, "TP_REDUCE_DTYPE", "float32")
-    assert ops.tp_reduce_dtype(jnp.bfloat16) == jnp.float32
+    assert ops.tp_reduce_dtype(jnp.bfloat16, "float32") == jnp.float32
+    monkeypatch.undo()
+
+    mesh = make_mesh("tp=2", devices=jax.devices()[:2])
+    attn = jax.device_put(jnp.ones((2, 1, N, H), jnp.float32),
+                          NamedSharding(mesh, P(None, None, "tp")))
+    wo = jax.device_put(jnp.ones((3, N, H, 64), jnp.float32), NamedSharding(mesh, P(None, "tp")))
+
+    def lowered(reduce_dtype):  # StableHLO only: a bfloat16 psum would abort XLA CPU's compiler
+        fn = jax.jit(lambda a, w: ops.linear(a, w, contract=2, layer=jnp.int32(0),
+                                             kernels="pallas", axes=("heads", "head_dim", "embed"),
+                                             reduce_dtype=reduce_dtype))
+        with mesh_context(mesh):
+            text = fn.lower(attn, wo).as_text()
+        return re.findall(r'"stablehlo.all_reduce".*?-> tensor<[\dx]*x(\w+)>', text, re.S)
+
+    assert lowered(None) == ["f32"] and lowered("bfloat16") == ["bf16"]
+
+    from jaxinfer.config import EngineConfig
+    from jaxinfer.engine.llm import LLM
+    from jaxinfer.model_loader import load_model
+
+    loaded = load_model("dummy", mesh=mesh, dtype="float32")
+    engine = EngineConfig(page_size=4, num_pages=8, max_seq_len=32, batch_buckets=(1,),
+                          prefill_buckets=(8,), prefill_rows=(1,), tp_reduce_dtype="bfloat16")
+    assert LLM.from_loaded(loaded, engine, mesh=mesh).core.runner.opts.reduce_dtype == "bfloat16"

@@ -3,10 +3,10 @@ import dataclasses
 import jax
 import pytest
 
-from jaxinfer.config import PRESETS, EngineConfig
+from jaxinfer.config import PRESETS
 from jaxinfer.errors import ConfigError
-from sharding.mesh import (MeshSpec, check_engine_fits, check_model_fits, device_grid, fit_engine,
-                           make_mesh, parse_mesh, parse_mesh_list)
+from sharding.mesh import (MeshSpec, check_model_fits, device_grid, make_mesh, parse_mesh,
+                           parse_mesh_list, replica_meshes)
 from sharding.rules import logical_to_spec
 
 
@@ -64,15 +64,21 @@ def test_model_does_not_fit(mesh, cfg_change, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
-def test_engine_fits_dp():
-    eng = EngineConfig(num_pages=63, batch_buckets=(1, 2, 3, 8))
-    spec = MeshSpec(dp=2)
-    with pytest.raises(ConfigError, match="dp=2 does not divide num_pages=63"):
-        check_engine_fits(spec, eng)
-    fitted = fit_engine(spec, eng)
-    assert fitted.num_pages == 64 and fitted.batch_buckets == (2, 4, 8)
-    check_engine_fits(spec, fitted)
-    assert fit_engine(MeshSpec(tp=2), eng) is eng
+@pytest.mark.parametrize("mesh", ["dp=1", "dp=2", "dp=2,pp=2,tp=2", "dp=4,tp=2", "dp=8"])
+def test_replica_meshes(mesh):
+    """Each dp replica is a mesh of its own (dp = 1, the same pp x tp grid): replica r is
+    plane r of the dp mesh, and the replicas split its devices without overlap. (Replacing
+    `fit_engine`/`check_engine_fits`: an engine never splits its slots or pages over dp.)"""
+    spec = parse_mesh(mesh)
+    full = make_mesh(spec)
+    subs = replica_meshes(full)
+    assert len(subs) == spec.dp
+    for r, sub in enumerate(subs):
+        assert sub.axis_names == ("dp", "pp", "tp")
+        assert MeshSpec.of(sub) == MeshSpec(pp=spec.pp, tp=spec.tp)
+        assert (sub.devices[0] == full.devices[r]).all()
+    ids = [d.id for sub in subs for d in sub.devices.flat]
+    assert sorted(ids) == sorted(d.id for d in full.devices.flat)
 
 
 @dataclasses.dataclass(frozen=True)

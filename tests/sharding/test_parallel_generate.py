@@ -4,9 +4,11 @@ The models are the HF-parity test models (random-weight transformers checkpoints
 with 8 query heads, 2 (Llama) or 1 (Qwen2, MQA) KV heads and 4 layers, so every mesh of the
 issue fits: tp=8 replicates the KV heads, pp=4 puts one layer per stage. Greedy tokens on each
 mesh must equal the one-device tokens exactly; parameter and cache PartitionSpecs and the
-collectives in the compiled decode step are asserted.
+collectives in the compiled decode and prefill programs are asserted. dp replicas are separate
+engine cores (`LLM.load`: one per replica), each on its own pp x tp slice of the mesh.
 
-Budget: one Generator per mesh, one prefill and one decode bucket (compiled once each).
+Budget: one LLM per mesh, one prefill shape and one decode batch bucket: three programs per
+core (prefill, decode beside prefill, multi-step decode).
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxinfer import generate  # noqa: E402
 from jaxinfer.config import EngineConfig  # noqa: E402
-from jaxinfer.generate import Generator  # noqa: E402
-from jaxinfer.model_loader import load_model  # noqa: E402
-from jaxinfer.sampling import SamplingParams, row_keys  # noqa: E402
-from jaxinfer.serve_steps import ServingRunner  # noqa: E402
-from sharding.mesh import fit_engine, make_mesh, parse_mesh  # noqa: E402
+from jaxinfer.engine.core import EngineCore  # noqa: E402
+from jaxinfer.engine.llm import LLM  # noqa: E402
+from jaxinfer.model_loader import LoadedModel, load_model  # noqa: E402
+from sharding import pipeline  # noqa: E402
+from sharding.mesh import MeshSpec, make_mesh, parse_mesh  # noqa: E402
 from tests.jaxinfer.test_hf_parity import COMMON, PROMPTS  # noqa: E402
 
-NEW_TOKENS = 7  # 1 from prefill + 6 decoded in two dispatches of 4 steps
+NEW_TOKENS = 7  # 1 from prefill + 6 decoded, mostly in dispatches of 4 steps
 MESHES = ["tp=2", "tp=4", "tp=8", "pp=2", "pp=4", "dp=2", "dp=2,tp=2", "pp=2,tp=2",
           "dp=2,pp=2,tp=2"]
 MODELS = {
@@ -63,18 +65,32 @@ def save_hf_model(kind: str, path) -> None:
 
 
 def make_generator(model_dir, mesh_text: str, *, devices=None, unroll_layers=None,
-                   kernels="reference") -> Generator:
-    spec = parse_mesh(mesh_text)
-    mesh = make_mesh(spec, devices=devices)
-    loaded = load_model(str(model_dir), mesh=mesh, dtype="float32")
-    engine = fit_engine(spec, EngineConfig(
+                   kernels="reference") -> LLM:
+    """An LLM on `mesh_text` (one engine core per dp replica) with one decode batch bucket
+    and one prefill shape."""
+    mesh = make_mesh(parse_mesh(mesh_text), devices=devices)
+    engine = EngineConfig(
         page_size=4, num_pages=64, max_seq_len=64, dtype="float32", prefill_buckets=(8,),
-        batch_buckets=(4,), decode_steps=4, unroll_layers=unroll_layers, kernels=kernels))
-    return Generator(loaded, engine, mesh=mesh)
+        prefill_rows=(4,), batch_buckets=(4,), max_num_batched_tokens=32, decode_steps=4,
+        unroll_layers=unroll_layers, kernels=kernels)
+    return LLM.load(str(model_dir), engine, mesh=mesh, dtype="float32")
 
 
-def greedy(gen: Generator) -> list[list[int]]:
-    return [c.token_ids for c in gen.generate(PROMPTS, max_new_tokens=NEW_TOKENS)]
+def greedy(llm: LLM) -> list[list[int]]:
+    out = llm.generate([llm.request(p, max_tokens=NEW_TOKENS) for p in PROMPTS])
+    return [c.token_ids for [c] in out]
+
+
+def with_eos(llm: LLM, eos: int) -> LLM:
+    """The same weights and engine config with `eos` as the model's EOS id (new cores)."""
+    cores = []
+    for core in llm.cores:
+        r = core.runner
+        loaded = LoadedModel(cfg=dataclasses.replace(r.model_cfg, eos_token_ids=(eos,)),
+                             graphdef=r.graphdef, params=r.params, tokenizer=llm.tokenizer,
+                             source=core.model_name, quant=core.quant)
+        cores.append(EngineCore.create(loaded, core.engine_cfg, mesh=r.mesh))
+    return LLM(cores, llm.tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -104,32 +120,43 @@ def expected_specs(mesh_text: str, kv_heads: int) -> dict[str, P]:
         "layers/w_gate": P("pp", None, "tp"), "layers/w_up": P("pp", None, "tp"),
         "layers/w_down": P("pp", "tp", None), "layers/attn_norm": P("pp", None),
         "embed": P("tp", None), "final_norm": P(None),
-        "cache": P("pp", kv, "dp", None, None),
+        # dp never appears inside an engine: each replica holds a whole pool of its own
+        "cache": P("pp", kv, None, None, None),
     }
 
 
 @pytest.mark.parametrize("mesh_text", MESHES)
 def test_llama_tokens_and_shardings(models, mesh_text):
     path, want = models["llama"]
-    gen = make_generator(path, mesh_text)
-    assert greedy(gen) == want
-    assert gen.allocator.num_used == 0
-    params = gen.loaded.params
-    specs = expected_specs(mesh_text, kv_heads=2)
-    for name, spec in specs.items():
-        if name == "cache":
-            got = gen.cache.k.sharding.spec
-        else:
-            node = params
-            for key in name.split("/"):
-                node = node[key]
-            got = node.sharding.spec
-        assert got == spec, (name, got, spec)
-    assert params["lm_head"].sharding.spec == P(None, "tp")  # untied head: vocab over tp
-    # Sharded means sharded: each device holds 1/tp of a column-parallel weight, 1/pp of layers.
+    llm = make_generator(path, mesh_text)
+    assert greedy(llm) == want
+    assert llm.pages_used() == 0
     m = parse_mesh(mesh_text)
-    wq = params["layers"]["wq"]
-    assert wq.addressable_shards[0].data.size == wq.size // (m.tp * m.pp)
+    # dp replicas are separate engine cores on disjoint pp x tp slices of the mesh
+    assert len(llm.cores) == m.dp
+    device_sets = [{d.id for d in c.runner.mesh.devices.flat} for c in llm.cores]
+    assert all(len(s) == m.pp * m.tp for s in device_sets)
+    assert len(set().union(*device_sets)) == m.size
+    specs = expected_specs(mesh_text, kv_heads=2)
+    for core in llm.cores:
+        params = core.runner.params
+        assert MeshSpec.of(core.runner.mesh) == MeshSpec(pp=m.pp, tp=m.tp)
+        for name, spec in specs.items():
+            if name == "cache":
+                got = core.runner.cache.k.sharding.spec
+            else:
+                node = params
+                for key in name.split("/"):
+                    node = node[key]
+                got = node.sharding.spec
+            assert got == spec, (name, got, spec)
+        assert params["lm_head"].sharding.spec == P(None, "tp")  # untied head: vocab over tp
+        # Sharded means sharded: each device holds 1/tp of a column-parallel weight, 1/pp of
+        # the layers.
+        wq = params["layers"]["wq"]
+        assert wq.addressable_shards[0].data.size == wq.size // (m.tp * m.pp)
+        assert {d.id for d in wq.sharding.device_set} == {
+            d.id for d in core.runner.mesh.devices.flat}
 
 
 def test_eos_stops_rows_inside_the_pipeline(models):
@@ -137,16 +164,9 @@ def test_eos_stops_rows_inside_the_pipeline(models):
     on dp replicas, exactly as on one device."""
     path, want = models["llama"]
     eos = want[0][2]  # prompt 0 stops after its 3rd token; the others when they meet it
-
-    def with_eos(gen):
-        loaded = dataclasses.replace(gen.loaded, cfg=dataclasses.replace(
-            gen.loaded.cfg, eos_token_ids=(eos,)))
-        return Generator(loaded, gen.engine_cfg, mesh=gen.runner.mesh)
-
-    one = greedy(with_eos(make_generator(path, "dp=1", devices=jax.devices()[:1])))
+    one = greedy(with_eos(make_generator(path, "dp=1", devices=jax.devices()[:1]), eos))
     assert len(one[0]) == 3 and one[0][-1] == eos
-    assert greedy(with_eos(make_generator(path, "dp=2,pp=2,tp=2"))) == one
-
+    assert greedy(with_eos(make_generator(path, "dp=2,pp=2,tp=2"), eos)) == one
 
 
 @pytest.mark.parametrize("mesh_text", ["tp=2", "dp=2,pp=2", "dp=2,pp=2,tp=2"])
@@ -172,9 +192,13 @@ def test_pallas_kernels_on_meshes(pallas_model, mesh_text, monkeypatch):
         return real_dense(x, w, **kw)
 
     monkeypatch.setattr(qmatmul, "dense_matmul", dense_spy)
-    assert greedy(make_generator(path, mesh_text, kernels="pallas")) == want
-    # the prefill (4 x 8 tokens) and decode programs each read the 7 projection stacks in place
-    assert len(dense) == 14 and all(len(shape) == 3 for shape in dense), dense
+    llm = make_generator(path, mesh_text, kernels="pallas")
+    assert greedy(llm) == want
+    # every program compiled (prefill 4 x 8 tokens, decode 1 and 4 steps, on each dp
+    # replica's core) reads the 7 projection stacks in place
+    programs = [key for core in llm.cores for key in core.runner.compiled]
+    assert sorted({k[0] for k in programs}) == ["decode", "prefill"]
+    assert len(dense) == 7 * len(programs) and all(len(shape) == 3 for shape in dense), dense
     tp = parse_mesh(mesh_text).tp
     # 8 query heads and 2 KV heads, split over tp: each kernel call sees its shard's heads
     # (prefill chunks of 8 tokens go to the decode kernel; tests/sharding/test_kernels_over_tp
@@ -186,15 +210,20 @@ def test_pallas_kernels_on_meshes(pallas_model, mesh_text, monkeypatch):
 @pytest.mark.parametrize("mesh_text", ["tp=8", "pp=2,tp=2", "dp=2,pp=2,tp=2"])
 def test_qwen2_bias_mqa_tokens(models, mesh_text):
     path, want = models["qwen2_mqa_bias"]
-    gen = make_generator(path, mesh_text)
-    assert greedy(gen) == want
-    bq = gen.loaded.params["layers"]["bq"]
-    assert bq.sharding.spec == P("pp", "tp", None)
-    assert gen.loaded.params["layers"]["bk"].sharding.spec == P("pp", None, None)  # K=1
+    llm = make_generator(path, mesh_text)
+    assert greedy(llm) == want
+    for core in llm.cores:
+        params = core.runner.params
+        assert params["layers"]["bq"].sharding.spec == P("pp", "tp", None)
+        assert params["layers"]["bk"].sharding.spec == P("pp", None, None)  # K=1
 
 
 _COLLECTIVE = re.compile(r"= (\([^=]*?\)|\S+) (all-reduce|all-gather|collective-permute|"
                          r"all-to-all|reduce-scatter)\(.*?op_name=\"([^\"]*)\"")
+_PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+# the step program's own loop (the decode steps, or the pipeline ticks): its trip count
+_STEP_LOOP = re.compile(r' while\(.*?op_name="jit\(step_\w+\)(?:/shard_map)?/while".*?'
+                        r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 def collectives(hlo: str) -> list[tuple[str, str, str]]:
@@ -207,58 +236,72 @@ def _elements(type_text: str) -> int:
     return int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
 
 
-@pytest.mark.parametrize("mesh_text", ["tp=2", "tp=8", "pp=2,tp=2"])
+def _program(llm: LLM, kind: str, **want) -> tuple[tuple, str]:
+    """(key, HLO text) of the one compiled program of the first core of `kind` whose key
+    fields match `want` (decode: steps, full)."""
+    fields = {"decode": ("b", "w", "steps", "full"), "prefill": ("r", "t")}[kind]
+    found = [(key, exe.as_text()) for key, exe in llm.core.runner.compiled.items()
+             if key[0] == kind and all(dict(zip(fields, key[1:]))[f] == v
+                                       for f, v in want.items())]
+    assert len(found) == 1, sorted(llm.core.runner.compiled)
+    return found[0]
+
+
+@pytest.mark.parametrize("mesh_text", ["tp=2", "tp=8", "pp=2,tp=2", "dp=2,pp=2,tp=2"])
 def test_decode_hlo_collectives(models, mesh_text):
-    """Megatron TP: per layer exactly one all-reduce after attention (o) and one after the MLP
-    (down), both on dot outputs; nothing else reduced but the vocab-parallel embedding lookup's
-    [B, 1, D] rows and greedy sampling's [B] max and index; nothing at all all-gathered;
-    under pp, two ppermutes per stage hand-off (activations + int metadata)."""
+    """Megatron TP in the compiled multi-step decode program (one `lax.scan` over the steps,
+    kept as one while loop, so its body is one decode step: every collective is in it): per
+    layer exactly one all-reduce after attention (o) and one after the MLP (down), both on dot
+    outputs; nothing else reduced but the vocab-parallel embedding lookup's [B, 1, D] rows and
+    greedy sampling's [B] max and index; nothing at all all-gathered. Under pp the body is one
+    pipeline tick: two ppermutes per stage hand-off (activations + int metadata) and one
+    all-reduce broadcasting the last stage's [mb, 1, D] output to every stage (which all sample
+    from it). A dp replica's program spans only its own pp x tp devices: no dp collectives."""
     path, _ = models["llama"]
-    gen = make_generator(path, mesh_text, unroll_layers=64)  # fully unrolled: countable
-    runner, m = gen.runner, parse_mesh(mesh_text)
-    b = 4
-    pages = [gen.allocator.allocate(4, replica=runner.layout.replica_of_slot(i)) for i in range(b)]
-    state = runner.decode_state(tokens=np.arange(b) + 1, seq_lens=np.full(b, 3),
-                                remaining=np.full(b, 5), block_tables=pages,
-                                sampling=SamplingParams.make(b), keys=row_keys(range(b)))
-    gen.cache, _, toks = runner.decode(gen.cache, state, use_sampling=False)
-    toks.block_until_ready()
-    [hlo] = [exe.as_text() for key, exe in runner.compiled.items() if key[0] == "decode"]
+    llm = make_generator(path, mesh_text, unroll_layers=64)  # fully unrolled: countable
+    greedy(llm)
+    m = parse_mesh(mesh_text)
+    b, steps = 4, llm.core.engine_cfg.decode_steps
+    key, hlo = _program(llm, "decode", steps=steps, full=False)
+    assert key[1] == b and steps > 1
+    assert _PARTITIONS.findall(hlo) == [str(m.pp * m.tp)]
+    # the scan over steps (pp: over pipeline ticks) stays one loop with one body
+    m_count = pipeline.num_microbatches(b, m.pp)
+    ticks = steps if m.pp == 1 else (steps - 1) * max(m_count, m.pp) + m_count + m.pp - 1
+    assert _STEP_LOOP.findall(hlo) == [str(ticks)]
     ops = collectives(hlo)
+    assert ops and all("/while/body/" in o[2] for o in ops), ops
     layers_here = 4 // m.pp
     dot_reduces = [o for o in ops if o[0] == "all-reduce" and o[2].endswith("dot_general")]
     assert len(dot_reduces) == 2 * layers_here, ops
     others = [o for o in ops if o[0] == "all-reduce" and not o[2].endswith("dot_general")]
     # the vocab-parallel lookup: one [B, 1, D] sum of the shards' rows, never the table
     embedding = [o for o in others if "vocab_parallel_embedding" in o[2]]
-    # pp: one psum after the loop hands stage 0's decode state (small int arrays) to all.
-    broadcast = [o for o in others if o[2].endswith("shard_map/psum") and o not in embedding]
+    # pp: each tick, the last stage's output to every stage (a masked psum)
+    broadcast = [o for o in others if o[2].endswith("/psum") and o not in embedding]
     # greedy sampling over vocab-split logits: a max and a min-index all-reduce of [B] only
-    greedy = [o for o in others if o[2].endswith(("reduce_max", "reduce_min"))]
+    greedy_ops = [o for o in others if o[2].endswith(("reduce_max", "reduce_min"))]
     assert len(embedding) == 1 and len(broadcast) == (1 if m.pp > 1 else 0), others
-    hidden = gen.runner.model_cfg.hidden_size
+    hidden = llm.core.model_cfg.hidden_size
     rows = _elements(embedding[0][1]) // hidden  # the batch, or a pp micro-batch of it
     assert rows * hidden == _elements(embedding[0][1]) and b % rows == 0, embedding
-    assert len(greedy) == 2 and all(_elements(t) <= b for _, t, _ in greedy), greedy
-    assert len(others) == len(embedding) + len(broadcast) + len(greedy), others
-    assert all(t.startswith(("(s32", "s32")) for _, t, _ in broadcast), broadcast
+    assert len(greedy_ops) == 2 and all(_elements(t) <= b for _, t, _ in greedy_ops), greedy_ops
+    assert len(others) == len(embedding) + len(broadcast) + len(greedy_ops), others
+    assert all(t.startswith("f32") and _elements(t) == rows * hidden for _, t, _ in broadcast)
     assert not [o for o in ops if o[0] == "all-gather"], ops
     permutes = [o for o in ops if o[0] == "collective-permute"]
     assert len(permutes) == (2 if m.pp > 1 else 0), permutes
     assert not [o for o in ops if o[0] in ("all-to-all", "reduce-scatter")]
 
     # Prefill (GPipe under pp): the same per-layer reductions, one activation ppermute, and
-    # only the replicated [B, V] logits output gathered.
-    gen.cache, _, logits = runner.prefill(gen.cache, tokens=[np.arange(5) + 1] * b,
-                                          start=[0] * b, block_tables=pages,
-                                          sampling=SamplingParams.make(b), keys=row_keys(range(b)))
-    logits.block_until_ready()
-    [hlo] = [exe.as_text() for key, exe in runner.compiled.items() if key[0] == "prefill"]
+    # only the [R, V] logits gathered (the sampler works on whole rows).
+    (_, r, _), hlo = _program(llm, "prefill")
+    assert _PARTITIONS.findall(hlo) == [str(m.pp * m.tp)]
     ops = collectives(hlo)
     assert len([o for o in ops if o[2].endswith("dot_general")]) == 2 * layers_here, ops
     assert len([o for o in ops if o[0] == "collective-permute"]) == (1 if m.pp > 1 else 0)
-    vocab = logits.shape[-1]
-    assert all(_elements(o[1]) <= max(b * m.tp, b * vocab) for o in ops if o[0] == "all-gather")
+    vocab = llm.core.model_cfg.vocab_size
+    assert all(_elements(o[1]) <= max(r * m.tp, r * vocab) for o in ops if o[0] == "all-gather")
     assert not [o for o in ops if o[0] in ("all-to-all", "reduce-scatter")]
 
 
@@ -267,11 +310,14 @@ def test_pallas_decode_hlo_moves_no_weights(pallas_model):
     are sharded, so the compiled decode step moves nothing big: one all-reduce per row-parallel
     matmul (2 per layer), the embedding's and greedy sampling's small ones, no all-gather,
     all-to-all or permute (a spec that disagreed with a weight's sharding would reshard it
-    every step)."""
-    gen = make_generator(pallas_model, "tp=2", unroll_layers=64, kernels="pallas")
-    greedy(gen)
-    [hlo] = [exe.as_text() for key, exe in gen.runner.compiled.items() if key[0] == "decode"]
+    every step). The multi-step program's loop body is one step, so the counts are per step."""
+    llm = make_generator(pallas_model, "tp=2", unroll_layers=64, kernels="pallas")
+    greedy(llm)
+    steps = llm.core.engine_cfg.decode_steps
+    _, hlo = _program(llm, "decode", steps=steps, full=False)
+    assert _STEP_LOOP.findall(hlo) == [str(steps)]
     ops = collectives(hlo)
+    assert ops and all("/while/body/" in o[2] for o in ops), ops
     assert not [o for o in ops if o[0] != "all-reduce"], ops
     b, d = 4, 64
     big = [o for o in ops if _elements(o[1]) > b * d]
@@ -283,28 +329,29 @@ _SORT = re.compile(r"= \((\w+)\[([\d,]+)\]\S* [^)]*\) sort\(")
 
 
 def test_serving_samplers_run_on_whole_rows(models):
-    """Serving under tp: the sampler programs gather the LM head's vocab-split logits once and
-    sort whole rows. Left to GSPMD, a prefill program split the sort's rows over tp with an
+    """The full sampler under tp (the prefill program, and the decode program for batches with
+    sampling, penalties or logprobs) gathers the LM head's vocab-split logits once and sorts
+    whole rows. Left to GSPMD, a prefill program split the sort's rows over tp with an
     all-to-all and kept the slot state's [S+1, V] penalty tables split over the vocab; on two
     H200s that step took 1.08 s instead of 9 ms."""
     path, _ = models["llama"]
     mesh = make_mesh(parse_mesh("tp=2"))
     loaded = load_model(str(path), mesh=mesh, dtype="float32")
     engine = EngineConfig(page_size=4, num_pages=64, max_seq_len=64, dtype="float32",
-                          serve_decode_buckets=(4,), serve_prefill_buckets=(8,),
-                          serve_prefill_rows=(1, 4), max_num_batched_tokens=32)
-    runner = ServingRunner(loaded.cfg, engine, loaded.graphdef, loaded.params, mesh=mesh)
-    cache, state = runner.init_cache(), runner.init_state()
+                          batch_buckets=(4,), prefill_buckets=(8,), prefill_rows=(1, 4),
+                          max_num_batched_tokens=32, decode_steps=4)
+    runner = LLM.from_loaded(loaded, engine, mesh=mesh).core.runner
     vocab = loaded.cfg.vocab_size
-    keys = [("prefill", 4, 8), ("sample", 4, True)]
+    keys = [("prefill", 4, 8), ("decode", 4, runner.full_width, 4, True)]
+    assert set(keys) <= set(runner.program_keys())
     for key in keys:
-        hlo = runner.compile(key, cache, state).as_text()
+        hlo = runner.compile(key).as_text()
         rows = key[1]
         sorts = [(dtype, tuple(int(d) for d in dims.split(","))) for dtype, dims in _SORT.findall(hlo)]
         assert sorts and all(dims == (rows, vocab) for _, dims in sorts), (key, sorts)
         ops = collectives(hlo)
         assert not [o for o in ops if o[0] in ("all-to-all", "reduce-scatter")], (key, ops)
-        # the only gather is of the [rows, V] logits (prefill), never of [S+1, V] slot state
+        # the only gather is of the [rows, V] logits, never of [S+1, V] slot state
         assert all(_elements(t) <= rows * vocab for op, t, _ in ops if op == "all-gather"), ops
 
 
