@@ -5,17 +5,21 @@ kernels beside their anchors (`jaxinfer/kernel_bench/`); `serving` drives a runn
 with Poisson arrivals (`serve/loadgen.py`).
 
 One JSON object per measurement on stdout; an aligned summary table on stderr. For each batch
-size it runs prefill of `--prompt-len` random tokens and `--gen-len` greedy tokens (EOS ignored,
-as serving benchmarks do), once to compile and warm up, then `--repeat` timed times, reporting
-the median. Timing uses `block_until_ready`; compile time is its own metric.
+size it submits that many requests of `--prompt-len` random tokens and `--gen-len` greedy tokens
+(EOS ignored, as serving benchmarks do) to the engine the server runs (`jaxinfer.engine.llm`:
+the same scheduler, runner and programs; its buckets sized so the batch decodes as one bucket
+and prefills in one step), once to compile and warm up, then `--repeat` timed times, reporting
+the median. Times are read when the engine core reads each step's outputs back; compile time is
+its own metric.
 
-Metrics: compile_s, ttft_ms (prefill of the whole batch + first token), prefill_tok_s,
-decode_tok_s (generated tokens after the first over decode time), itl_ms (one decode step),
+Metrics: compile_s, ttft_ms (until every request has its first token), prefill_tok_s,
+decode_tok_s (generated tokens after the first over decode time), itl_ms (decode time per
+token of a sequence),
 tok_s (all generated tokens over the whole call, prefill included: DESIGN.md's anchor
 definition), hbm_gbps (weights + KV read per decode step over step time), and roofline_frac
 (hbm_gbps over the measured device copy bandwidth, or --peak-gbps; on a mesh, over the
-bandwidth of all its devices, so tp=4 at 0.7 means each device streams its quarter of the
-weights at 70% of its bandwidth; dp replicas re-reading the weights count once).
+bandwidth of one replica's devices, so tp=4 at 0.7 means each device streams its quarter of the
+weights at 70% of its bandwidth; dp replicas, each reading its own copy, count once).
 
 Mesh sweep: `--meshes "tp=1;tp=2;pp=2;dp=2;tp=2,pp=2"` (or a `;` list in `--mesh`) runs the same
 model on each layout in turn. One model is loaded per mesh and freed (weights, cache, compiled
@@ -348,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG chart of the sweep (default for a sweep of 2+ meshes: "
                         "mesh_sweep_<model>.png); needs matplotlib")
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--decode-steps", type=int, default=16, help="decode tokens per dispatch")
+    p.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps,
+                   help="decode tokens per decode-only dispatch (default: the engine's, "
+                   "%(default)s, as served)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--unroll-layers", type=int, default=None, metavar="N",
                    help="layers per iteration of the layer loop (>= the layer count: fully "

@@ -48,10 +48,9 @@ def decode_shape(engine: EngineConfig, rows: int, max_pages: int) -> tuple[int, 
 
 def prefill_shapes(engine: EngineConfig) -> list[tuple[int, int]]:
     """Every (rows R, chunk T) a prefill step is compiled for: R * T within the token budget
-    (the smallest chunk is always allowed for one row)."""
-    out = [(r, t) for r in engine.prefill_rows for t in engine.prefill_buckets
-           if r * t <= engine.max_num_batched_tokens]
-    return out or [(1, engine.prefill_buckets[0])]
+    (`EngineConfig` makes sure the smallest fits)."""
+    return [(r, t) for r in engine.prefill_rows for t in engine.prefill_buckets
+            if r * t <= engine.max_num_batched_tokens]
 
 
 def prefill_shape(engine: EngineConfig, rows: int, max_chunk: int) -> tuple[int, int] | None:

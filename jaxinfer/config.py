@@ -225,10 +225,11 @@ class EngineConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= the largest "
                 f"batch bucket ({self.batch_buckets[-1]}) so every running sequence decodes "
                 "each step")
-        if self.prefill_buckets[0] > self.max_num_batched_tokens:
+        if self.prefill_rows[0] * self.prefill_buckets[0] > self.max_num_batched_tokens:
             raise ConfigError(
-                f"the smallest prefill bucket ({self.prefill_buckets[0]}) exceeds "
-                f"max_num_batched_tokens ({self.max_num_batched_tokens})")
+                f"the smallest prefill call ({self.prefill_rows[0]} rows x "
+                f"{self.prefill_buckets[0]} tokens) exceeds max_num_batched_tokens "
+                f"({self.max_num_batched_tokens})")
         w = self.page_buckets
         if w is not None and (not w or list(w) != sorted(set(w)) or w[0] <= 0
                               or w[-1] < self.pages_per_seq):

@@ -2,8 +2,9 @@
 
 It drives the same engine as the server (`jaxinfer.engine.llm.LLM`: scheduler, runner,
 sampler and output processor), so penalties, logprobs, n, stop strings and seeds work here
-exactly as served. Prompts of different lengths share the batch; the KV pool is sized for
-every prompt at full length unless `--num-pages` says otherwise.
+exactly as served. Prompts of different lengths share the batch (up to 64 sequences per
+replica decode together; more wait their turn); the KV pool holds that many at full length
+unless `--num-pages` says otherwise.
 """
 
 from __future__ import annotations

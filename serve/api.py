@@ -26,7 +26,7 @@ V1_NAMES = {name: f"sampling.{name}" for name in (
     "temperature", "top_k", "top_p", "min_p", "seed", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "max_tokens", "n", "logprobs", "stop_token_ids")}
 V1_NAMES.update(stop_strings="sampling.stop", prompt_ids="prompt", request_id="request_id")
-JETSTREAM_NAMES = {"n": "num_samples", "prompt_ids": "prompt"}
+JETSTREAM_NAMES = {"n": "num_samples", "prompt_ids": "token_content"}
 
 
 def _model_fields(info: dict) -> dict:
@@ -65,31 +65,13 @@ def _encode(tokenizer: Tokenizer | None, text: str, add_bos: bool | None) -> lis
     return tokenizer.encode(text, add_bos=add_bos)
 
 
-def _max_tokens(requested: int | None, prompt_len: int, limits: Limits, field: str) -> int:
+def _max_tokens(requested: int | None, prompt_len: int, limits: Limits) -> int:
+    """The protocol's default when max_tokens is unset: up to the context limit."""
     room = limits.max_seq_len - prompt_len
     if room < 1:
         raise RequestError(f"prompt has {prompt_len} tokens; the context limit is "
                            f"{limits.max_seq_len}, leaving no room to generate")
-    if requested is None:
-        return min(limits.max_tokens, room)
-    if requested < 1:
-        raise RequestError(f"{field} must be >= 1, got {requested}")
-    if requested > limits.max_tokens:
-        raise RequestError(f"{field} {requested} exceeds the server limit {limits.max_tokens}")
-    if requested > room:
-        raise RequestError(f"prompt ({prompt_len} tokens) + {field} ({requested}) = "
-                           f"{prompt_len + requested} exceeds the context limit "
-                           f"{limits.max_seq_len}")
-    return requested
-
-
-def _check_n(n: int, limits: Limits, field: str) -> int:
-    n = n or 1
-    if n < 1:
-        raise RequestError(f"{field} must be >= 1, got {n}")
-    if n > limits.max_n:
-        raise RequestError(f"{field} {n} exceeds the server limit {limits.max_n}")
-    return n
+    return min(limits.max_tokens, room) if requested is None else requested
 
 
 def sampling_options(s: pb.SamplingParams) -> SamplingOptions:
@@ -122,24 +104,21 @@ def generate_request(msg: pb.GenerateRequest, *, request_id: str, tokenizer: Tok
         add_bos = msg.add_bos if msg.HasField("add_bos") else None
         prompt = _encode(tokenizer, msg.text, add_bos)
     else:
-        prompt = _check_ids(msg.token_ids.ids, limits.vocab_size, "prompt")
+        prompt = [int(t) for t in msg.token_ids.ids]
     if not prompt:
         raise RequestError("prompt is empty")
     s = msg.sampling
-    n = _check_n(s.n, limits, "sampling.n")
     max_tokens = _max_tokens(s.max_tokens if s.HasField("max_tokens") else None, len(prompt),
-                             limits, "sampling.max_tokens")
+                             limits)
     logprobs = 0
     if s.HasField("logprobs"):
-        if s.logprobs > limits.max_logprobs:
-            raise RequestError(f"sampling.logprobs {s.logprobs} exceeds the server limit "
-                               f"{limits.max_logprobs}")
         # The engine returns the chosen token's logprob only alongside top ones; for 0, ask for
         # one and drop it when answering (see `token_logprobs`).
         logprobs = max(int(s.logprobs), 1)
     req = Request(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens,
                   sampling=sampling_options(s), stop_token_ids=tuple(s.stop_token_ids),
-                  stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos, n=n, logprobs=logprobs,
+                  stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos, n=s.n or 1,
+                  logprobs=logprobs,
                   priority=int(msg.priority), deadline=deadline)
     validate_request(req, limits, names=V1_NAMES)
     return req
@@ -161,16 +140,15 @@ def decode_request(msg: js.DecodeRequest, *, request_id: str, tokenizer: Tokeniz
             raise RequestError("text_content.text is empty")
         prompt = _encode(tokenizer, msg.text_content.text, False if msg.has_bos else None)
     else:
-        prompt = _check_ids(msg.token_content.token_ids, limits.vocab_size, "token_content")
+        prompt = [int(t) for t in msg.token_content.token_ids]
     if not prompt:
         raise RequestError("prompt is empty")
     if msg.max_tokens < 0:
         raise RequestError(f"max_tokens must be >= 0 (0: up to the context), "
                            f"got {msg.max_tokens}")
-    n = _check_n(msg.num_samples, limits, "num_samples")
-    max_tokens = _max_tokens(msg.max_tokens or None, len(prompt), limits, "max_tokens")
-    req = Request(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens, n=n,
-                  deadline=deadline)
+    max_tokens = _max_tokens(msg.max_tokens or None, len(prompt), limits)
+    req = Request(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens,
+                  n=msg.num_samples or 1, deadline=deadline)
     validate_request(req, limits, names=JETSTREAM_NAMES)
     return req, which == "token_content"
 

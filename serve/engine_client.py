@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,9 +74,15 @@ class _Replica:
         self.stopped = False  # sent its final message after Shutdown
 
     def send(self, msg) -> None:
+        """Send `msg`; UnavailableError when the core does not take it within a second (it
+        died, or is stuck), so no caller ever blocks on a dead core."""
         data = tp.encode(msg)
         with self.lock:
-            self.sock.send(data)
+            try:
+                self.sock.send(data)
+            except zmq.ZMQError as e:  # zmq.Again: the send timed out
+                raise UnavailableError(f"engine core {self.index} is not taking requests "
+                                       f"({e})") from None
 
     def exit_code(self) -> int | None:
         if self.proc is not None:
@@ -105,9 +112,9 @@ class EngineClient:
         self.metrics = metrics
         self.on_fatal = on_fatal
         self.ctx = zmq.Context()
-        self._dir = tempfile.mkdtemp(prefix="jaxinfer-")
-        self._from_core = f"ipc://{self._dir}/from-core"
-        self._pull = tp.pull(self.ctx, self._from_core, bind=True)
+        self._dir: str | None = None  # ipc socket files of engine-core processes
+        self._pull = self.ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
         self._replicas: list[_Replica] = []
         self._starters: list[Callable[[], None]] = []
         self._proc = OutputProcessor(tokenizer, metrics)
@@ -130,18 +137,23 @@ class EngineClient:
         allow_pickle, compile_cache, log_level); started by `warmup`."""
         client = cls(tokenizer=tokenizer, max_queue=max_queue, metrics=metrics,
                      on_fatal=on_fatal)
+        client._dir = tempfile.mkdtemp(prefix="jaxinfer-")
+        from_core = f"ipc://{client._dir}/from-core"
+        client._pull.bind(from_core)
         for r in range(dp):
             to_core = f"ipc://{client._dir}/to-core-{r}"
-            rep = _Replica(r, tp.push(client.ctx, to_core, bind=True))
+            rep = _Replica(r, tp.push(client.ctx, to_core, bind=True, send_timeout_ms=1000))
             client._replicas.append(rep)
-            full = dict(spec, replica=r, to_core=to_core, from_core=client._from_core,
+            full = dict(spec, replica=r, to_core=to_core, from_core=from_core,
                         parent_pid=os.getpid(), progress=progress and r == 0)
             env = _replica_env(r, devices_per_replica, dp)
 
             def start(rep=rep, full=full, env=env) -> None:
+                # A session of its own: a Ctrl-C or a signal to the front's process group must
+                # reach the front, which drains and then stops its cores, not the cores first.
                 rep.proc = subprocess.Popen(
                     [sys.executable, "-m", "serve.engine_proc", "--spec", json.dumps(full)],
-                    env=env)
+                    env=env, start_new_session=True)
                 logger.info("engine core %d: process %d", rep.index, rep.proc.pid)
 
             client._starters.append(start)
@@ -160,7 +172,7 @@ class EngineClient:
         client._pull.bind(pull_addr)
         for r, core in enumerate(cores):
             addr = f"inproc://to-core-{uuid.uuid4().hex}"
-            rep = _Replica(r, tp.push(client.ctx, addr, bind=True))
+            rep = _Replica(r, tp.push(client.ctx, addr, bind=True, send_timeout_ms=1000))
             client._replicas.append(rep)
 
             def start(rep=rep, core=core, addr=addr) -> None:
@@ -206,12 +218,12 @@ class EngineClient:
                     rep.info, rep.pid = json.loads(msg.info), msg.pid
                     waiting.discard(msg.replica)
                 elif isinstance(msg, tp.StartupFailed):
-                    self._kill_all()
+                    self.kill()
                     raise ConfigError(msg.message)
             for rep in self._replicas:
                 code = rep.exit_code()
                 if rep.index in waiting and code is not None:
-                    self._kill_all()
+                    self.kill()
                     raise ConfigError(f"engine core {rep.index} exited with code {code} while "
                                       "starting (its log is above)")
         info = self._replicas[0].info
@@ -247,7 +259,9 @@ class EngineClient:
             return True
 
     def stop(self) -> None:
-        """Abort what is left (finish_reason "aborted") and stop the cores and threads."""
+        """Abort what is left (finish_reason "aborted") and stop the cores and threads: the
+        cores get Shutdown (and are killed if they do not end within 10 s), the output thread
+        delivers their final outputs, then the sockets close."""
         with self._lock:
             was = self._phase
             self._phase = "stopped"
@@ -257,10 +271,8 @@ class EngineClient:
             if rep.dead is None and (rep.proc is not None or rep.thread is not None):
                 try:
                     rep.send(tp.Shutdown())
-                except zmq.ZMQError:
+                except UnavailableError:
                     pass
-        if self._thread is not None:
-            self._thread.join(30)
         for rep in self._replicas:
             if rep.proc is not None:
                 try:
@@ -271,14 +283,23 @@ class EngineClient:
                     rep.proc.wait()
             if rep.thread is not None:
                 rep.thread.join(10)
+        if self._thread is not None:
+            self._thread.join(30)
         for rep in self._replicas:
             rep.sock.close()
         self._pull.close()
-        self.ctx.term()
+        self.ctx.destroy(linger=0)
+        self._remove_dir()
+
+    def _remove_dir(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def kill(self) -> None:
         """Kill the engine-core processes at once (the server is exiting without a drain)."""
         self._kill_all()
+        self._remove_dir()
 
     def _kill_all(self) -> None:
         for rep in self._replicas:
@@ -311,7 +332,14 @@ class EngineClient:
             self._queued.add(req.request_id)
             rep.requests.add(req.request_id)
             self._proc.add(req, on_output)
-        rep.send(tp.add_request(req))
+            try:  # under the lock: ordered before a Shutdown, and seen by a death snapshot
+                rep.send(tp.add_request(req))
+            except UnavailableError:
+                del self._inflight[req.request_id]
+                self._queued.discard(req.request_id)
+                rep.requests.discard(req.request_id)
+                self._proc.remove(req.request_id)
+                raise
 
     def cancel(self, request_id: str, reason: FinishReason = "cancelled") -> None:
         """Finish a request at the core's next step: its pages are freed and each unfinished
@@ -319,13 +347,14 @@ class EngineClient:
         with self._lock:
             rep = self._inflight.get(request_id)
         if rep is not None and rep.dead is None:
-            rep.send(tp.Abort(request_id, reason))
+            try:
+                rep.send(tp.Abort(request_id, reason))
+            except UnavailableError:  # the core is gone: the watcher fails the request
+                logger.warning("cancel of %s not delivered: engine core %d is not answering",
+                               request_id, rep.index)
 
     def in_flight(self, request_id: str) -> bool:
         return request_id in self._inflight
-
-    def num_in_flight(self) -> int:
-        return len(self._inflight)
 
     # -- introspection ---------------------------------------------------------------------
     def info(self) -> dict:
@@ -363,22 +392,20 @@ class EngineClient:
 
     # -- output thread ---------------------------------------------------------------------
     def _output_loop(self) -> None:
+        try:
+            self._output_steps()
+        except Exception as e:  # a bug here must not leave requests waiting forever
+            logger.exception("the engine output thread failed")
+            reason = f"the server's output path failed: {type(e).__name__}: {e}"
+            for rid in list(self._inflight):
+                self._fail_quietly(rid, reason)
+            if self.on_fatal is not None:
+                self.on_fatal(reason)
+
+    def _output_steps(self) -> None:
         last_log = time.monotonic()
         while True:
-            msgs = []
-            if self._pull.poll(_POLL_MS):
-                while True:  # take every message waiting: fewer, larger Outputs when behind
-                    try:
-                        msgs.append(tp.decode_from_core(self._pull.recv(zmq.NOBLOCK)))
-                    except zmq.Again:
-                        break
-            outs = []
-            for msg in msgs:
-                if isinstance(msg, tp.Steps):
-                    outs.extend(tp.sample_output(s) for s in msg.samples)
-                    self._on_stats(msg)
-                    for rid, message in msg.failed:
-                        self._deliver(self._proc.fail(rid, message))
+            outs = self._receive(_POLL_MS)
             if outs:
                 self._process(outs)
             self._watch_cores()
@@ -389,12 +416,40 @@ class EngineClient:
             if self._phase == "stopped" and all(r.stopped or r.dead for r in self._replicas):
                 return
 
+    def _receive(self, timeout_ms: int) -> list:
+        """Every message waiting (after up to `timeout_ms` for the first): their sample
+        outputs, with stats and refusals applied. Taking all at once means fewer, larger
+        Outputs when this thread is behind."""
+        outs = []
+        if not self._pull.poll(timeout_ms):
+            return outs
+        while True:
+            try:
+                msg = tp.decode_from_core(self._pull.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return outs
+            if isinstance(msg, tp.Steps):
+                outs.extend(tp.sample_output(s) for s in msg.samples)
+                self._on_stats(msg)
+                for rid, message in msg.failed:
+                    self._deliver(self._proc.fail(rid, message))
+
+    def _fail_quietly(self, rid: str, reason: str) -> None:
+        try:
+            self._deliver(self._proc.fail(rid, reason, reason="aborted"))
+        except Exception:
+            logger.exception("could not fail request %s", rid)
+        self._complete(rid)
+
     def _process(self, outs) -> None:
         done = self._proc.process(outs)
         for rid, index in done.stopped:  # a stop string: the core stops the sample silently
             rep = self._inflight.get(rid)
             if rep is not None and rep.dead is None:
-                rep.send(tp.Abort(rid, "stop", index=index, report=False))
+                try:
+                    rep.send(tp.Abort(rid, "stop", index=index, report=False))
+                except UnavailableError:
+                    pass  # the core is gone: the watcher fails what it held
         self._deliver(done.outputs)
 
     def _deliver(self, outputs) -> None:
@@ -412,7 +467,10 @@ class EngineClient:
                 logger.exception("request %s failed in the output path", rid)
                 rep = self._inflight.get(rid)
                 if rep is not None and rep.dead is None:
-                    rep.send(tp.Abort(rid, "error", report=False))
+                    try:
+                        rep.send(tp.Abort(rid, "error", report=False))
+                    except UnavailableError:
+                        pass
                 for st, o in self._proc.fail(rid, f"{type(e).__name__}: {e}"):
                     try:
                         st.on_output(o)
@@ -472,21 +530,25 @@ class EngineClient:
 
     def _watch_cores(self) -> None:
         for rep in self._replicas:
-            if rep.dead is not None or rep.stopped:
+            if rep.dead is not None or rep.stopped or rep.exit_code() is None:
+                continue
+            outs = self._receive(0)  # a core that just ended may have said its last word
+            if outs:
+                self._process(outs)
+            if rep.stopped:
                 continue
             code = rep.exit_code()
-            if code is None:
-                continue
             if self._phase == "stopped" and code == 0:
                 rep.stopped = True
                 continue
             reason = (f"engine core {rep.index} (pid {rep.pid}) exited with code {code}"
                       if rep.proc is not None else f"engine core {rep.index} thread failed")
-            rep.dead = reason
-            logger.error("%s: failing its %d request(s)", reason, len(rep.requests))
-            for rid in list(rep.requests):
-                self._deliver(self._proc.fail(rid, reason, reason="aborted"))
-                self._complete(rid)
+            with self._lock:  # no submit slips in between marking it dead and failing
+                rep.dead = reason
+                held = list(rep.requests)
+            logger.error("%s: failing its %d request(s)", reason, len(held))
+            for rid in held:
+                self._fail_quietly(rid, reason)
             if self.on_fatal is not None:
                 try:
                     self.on_fatal(reason)

@@ -20,6 +20,7 @@ own process (tests; multi-host serving, whose process 0 must be the JAX process)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 50  # how long an idle core waits for a message before looking around again
 _STATS_EVERY = 0.5  # seconds between stats messages of an idle core (gauges stay current)
+_MAX_SEND_WAIT_S = 120  # a front that reads nothing this long is gone (in-process cores)
 
 
 def serve_core(core, inbox: zmq.Socket, outbox: zmq.Socket, *, replica: int = 0,
@@ -64,6 +66,9 @@ def serve_core(core, inbox: zmq.Socket, outbox: zmq.Socket, *, replica: int = 0,
                     core.add_request(tp.request_of(msg))
                 except JaxinferError as e:
                     failed.append((msg.request_id, str(e)))
+                except Exception as e:  # a request must never take the core down
+                    logger.exception("request %s refused", msg.request_id)
+                    failed.append((msg.request_id, f"{type(e).__name__}: {e}"))
             elif isinstance(msg, tp.Abort):
                 core.abort(msg.request_id, msg.reason,
                            index=None if msg.index < 0 else msg.index, report=msg.report)
@@ -103,7 +108,7 @@ class _Sender:
         data = tp.encode(tp.Steps(self.replica, [tp.sample_of(o) for o in outs],
                                   tp.stats_list(stats), num_steps, self.core.num_recompiles,
                                   failed, final))
-        while True:
+        for waited in itertools.count(1):
             try:
                 self.outbox.send(data)
                 return True
@@ -111,6 +116,10 @@ class _Sender:
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     logger.warning("the server process went away: stopping")
                     return False
+                if waited >= _MAX_SEND_WAIT_S:
+                    logger.error("nobody read the engine's outputs for %d s: stopping", waited)
+                    return False
+        return False
 
 
 class Progress:

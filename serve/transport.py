@@ -144,9 +144,14 @@ def stats_of(values: list[float]) -> dict[str, float]:
     return dict(zip(STAT_FIELDS, values))
 
 
-def push(ctx: zmq.Context, address: str, *, bind: bool) -> zmq.Socket:
+def push(ctx: zmq.Context, address: str, *, bind: bool,
+         send_timeout_ms: int | None = None) -> zmq.Socket:
+    """A PUSH socket; with `send_timeout_ms`, a send that cannot complete in that time raises
+    zmq.Again instead of blocking (the peer died or stopped reading)."""
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
+    if send_timeout_ms is not None:
+        sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
     (sock.bind if bind else sock.connect)(address)
     return sock
 

@@ -5,9 +5,9 @@ over `pp` on their `layers` axis, so stage s holds layers `[s * L/pp, (s + 1) * 
 their cache; nothing of a stage's layers ever leaves its devices. Only activations move: one
 `ppermute` of `[micro-batch, T, D]` per stage hand-off.
 
-The step functions run inside a `shard_map` whose manual axes are `dp` and `pp` (`tp` stays an
-automatic GSPMD axis inside), so the code below sees its stage's layers and its replica's rows
-and moves data between stages explicitly. Every stage runs the same program (SPMD); at a tick
+The step functions run inside a `shard_map` whose manual axis is `pp` (`tp` stays an automatic
+GSPMD axis inside), so the code below sees its stage's layers and moves data between stages
+explicitly. Every stage runs the same program (SPMD); at a tick
 where a stage has no micro-batch (the bubble) it computes on garbage and the caller's
 `stage_fn` must drop its cache writes (the runner sets the slots to -1).
 

@@ -280,8 +280,7 @@ class EngineCore:
             applied += n
             lp = None
             if entry.request.logprobs and n:
-                lp = pre[ev.row: ev.row + 1] if ev.is_prefill else dec[ev.step: ev.step + n,
-                                                                       ev.row]
+                lp = pre[ev.row: ev.row + 1] if ev.is_prefill else dec[:n, ev.row]
             out = SampleOutput(entry.request.request_id, seq.index, ev.tokens, logprobs=lp,
                                finish_reason=ev.finish_reason,
                                cached_tokens=max(seq.num_cached_tokens, 0))
@@ -309,9 +308,11 @@ class EngineCore:
         sequence, start from a fresh cache and slot state and an empty prefix cache."""
         logger.error("device step failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
         message = f"device step failed: {type(exc).__name__}: {exc}"
-        for seq in list(self.scheduler.running):
-            if self.scheduler.finish(seq, "error"):
-                self._done(seq, outputs, "error", message)
+        failed = {id(seq.tag): seq.tag for seq in self.scheduler.running}
+        for entry in failed.values():  # whole requests: waiting samples of n > 1 too
+            for seq in entry.seqs:
+                if self.scheduler.finish(seq, "error"):
+                    self._done(seq, outputs, "error", message)
         self.scheduler.kv.reset_prefix_cache()
         self.runner.init_state()
 

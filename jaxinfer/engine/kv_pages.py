@@ -1,4 +1,4 @@
-"""KV page ownership for the serving engine: pages per sequence plus the prefix cache.
+"""KV page ownership, the engine's one page allocator: pages per sequence plus the prefix cache.
 
 The device only ever sees block tables; which sequence owns which page is decided here, on the
 host (STYLE.md rule 10, after vLLM's KVCacheManager).
@@ -22,7 +22,7 @@ shares the pages it finds, copy-free, with a reference count. Rules that keep it
 - Device steps run in dispatch order, so a page may be freed and handed to another sequence
   while an older step that writes it is still in flight: that write lands first.
 
-Nothing here is thread-safe; the engine's device thread owns it.
+Nothing here is thread-safe; the engine core's loop (its scheduler) owns it.
 """
 
 from __future__ import annotations

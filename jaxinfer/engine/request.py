@@ -30,6 +30,7 @@ MAX_SEED = 2**63
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_REQUEST_ID_CHARS = 256
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -207,9 +208,10 @@ def validate_request(req: Request, limits: Limits, *, names: Mapping[str, str] |
     if bad:
         raise RequestError(f"{name('prompt_ids')}: token ids {bad[:5]} outside the vocabulary "
                            f"[0, {limits.vocab_size})")
-    if not _is_int(req.max_tokens) or req.max_tokens < 1:
-        raise RequestError(f"{name('max_tokens')} must be an integer >= 1, got "
-                           f"{req.max_tokens!r}")
+    if not _is_int(req.max_tokens):
+        raise RequestError(f"{name('max_tokens')} must be an integer, got {req.max_tokens!r}")
+    if req.max_tokens < 1:
+        raise RequestError(f"{name('max_tokens')} must be >= 1, got {req.max_tokens}")
     if req.max_tokens > limits.max_tokens:
         raise RequestError(f"{name('max_tokens')} {req.max_tokens} exceeds the limit "
                            f"{limits.max_tokens}")
@@ -221,8 +223,10 @@ def validate_request(req: Request, limits: Limits, *, names: Mapping[str, str] |
     if limits.num_pages and -(-total // limits.page_size) > limits.num_pages:
         raise RequestError(f"the request needs {-(-total // limits.page_size)} KV pages; the "
                            f"pool has {limits.num_pages}")
-    if not _is_int(req.n) or not 1 <= req.n <= limits.max_n:
-        raise RequestError(f"{name('n')} must be in [1, {limits.max_n}], got {req.n!r}")
+    if not _is_int(req.n) or req.n < 1:
+        raise RequestError(f"{name('n')} must be an integer >= 1, got {req.n!r}")
+    if req.n > limits.max_n:
+        raise RequestError(f"{name('n')} {req.n} exceeds the server limit {limits.max_n}")
     if not _is_int(req.logprobs) or not 0 <= req.logprobs <= limits.max_logprobs:
         raise RequestError(f"{name('logprobs')} must be in [0, {limits.max_logprobs}], got "
                            f"{req.logprobs!r}")
@@ -236,6 +240,10 @@ def validate_request(req: Request, limits: Limits, *, names: Mapping[str, str] |
         if not _is_int(t) or not 0 <= t < limits.vocab_size:
             raise RequestError(f"{name('stop_token_ids')}: token id {t!r} is outside the "
                                f"vocabulary [0, {limits.vocab_size})")
+    if isinstance(req.stop_strings, str) or not isinstance(req.stop_strings, (tuple, list)):
+        raise RequestError(f"{name('stop_strings')} must be a list of strings")
+    if isinstance(req.stop_token_ids, str) or not isinstance(req.stop_token_ids, (tuple, list)):
+        raise RequestError(f"{name('stop_token_ids')} must be a list of token ids")
     if len(req.stop_strings) > MAX_STOP_STRINGS:
         raise RequestError(f"{name('stop_strings')}: at most {MAX_STOP_STRINGS} stop strings")
     for s in req.stop_strings:
@@ -245,21 +253,23 @@ def validate_request(req: Request, limits: Limits, *, names: Mapping[str, str] |
     if req.stop_strings and not limits.has_tokenizer:
         raise PreconditionError(f"{name('stop_strings')}: stop strings need a tokenizer, and "
                                 "the model has none; use stop token ids")
-    if req.deadline is not None and not _number(req.deadline):
-        raise RequestError("deadline must be a time.monotonic() value")
+    if req.deadline is not None and (not _number(req.deadline)
+                                     or not math.isfinite(req.deadline)):
+        raise RequestError("deadline must be a finite time.monotonic() value")
 
 
 def _validate_sampling(s: SamplingOptions, n: int, name) -> None:
     def finite(field: str) -> float:
         value = getattr(s, field)
-        if not _number(value) or not math.isfinite(value):
+        # finite as the float32 the device holds it in, too
+        if not _number(value) or not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
             raise RequestError(f"{name(field)} must be a finite number, got {value!r}")
         return float(value)
 
     if finite("temperature") < 0:
         raise RequestError(f"{name('temperature')} must be >= 0, got {s.temperature}")
-    if not _is_int(s.top_k) or s.top_k < 0:
-        raise RequestError(f"{name('top_k')} must be an integer >= 0 (0 = off), got "
+    if not _is_int(s.top_k) or not 0 <= s.top_k < 2**31:
+        raise RequestError(f"{name('top_k')} must be an integer in [0, 2**31) (0 = off), got "
                            f"{s.top_k!r}")
     if not 0 < finite("top_p") <= 1:
         raise RequestError(f"{name('top_p')} must be in (0, 1], got {s.top_p}")

@@ -165,16 +165,14 @@ class Sequence:
 
 
 class TokenEvent(NamedTuple):
-    """Tokens applied to a sequence by one step, in order; `is_prefill`, `row` and `step` (of
-    the first token) locate them in the step's outputs (prefill [R, ...] or decode
-    [steps, B, ...])."""
+    """Tokens applied to a sequence by one step, in order; `is_prefill` and `row` locate them
+    in the step's outputs (prefill [R, ...], or decode [steps, B, ...] from step 0)."""
 
     seq: Sequence
     tokens: list[int]
     finish_reason: FinishReason | None
     is_prefill: bool
     row: int
-    step: int = 0
 
 
 @dataclasses.dataclass
@@ -356,13 +354,9 @@ class Scheduler:
                 gone = set(map(id, admitted))
                 self.waiting = [s for s in self.waiting if id(s) not in gone]
 
-        # A decode row may have lost its place to a preemption after it was planned.
-        kept = [(s, k) for s, k in zip(decode, rows_steps) if s.status == RUNNING]
-        decode = [s for s, _ in kept]
-        rows_steps = [k for _, k in kept]
         # Book the work, then register full blocks (after all admissions, so no sequence
         # shares a page that is only written later in this same step).
-        for seq, k in kept:
+        for seq, k in zip(decode, rows_steps):
             seq.num_computed += k
             seq.num_pending += k
             seq.inflight += 1
@@ -400,7 +394,7 @@ class Scheduler:
         its known tokens, or a waiting one that could be admitted (a free slot)."""
         if any(s.num_computed < s.num_tokens for s in self.running):
             return True
-        if not self._free_slots:
+        if not self._free_slots or self.kv.num_free == 0:  # nothing could be admitted now
             return False
         return any(self._admissible(s, self.step_id) for s in self.waiting)
 
@@ -533,7 +527,7 @@ class Scheduler:
                 # stop rule. Never leave it running on a slot that no longer samples.
                 logger.error("device stopped %r early without a stop token", seq)
                 self._finish(seq, "error")
-                events.append(TokenEvent(seq, [], "error", False, i, 0))
+                events.append(TokenEvent(seq, [], "error", False, i))
         for i, seq in enumerate(out.prefill_seqs):
             seq.inflight -= 1
             if not out.prefill_sample[i] or seq.status == FINISHED:
@@ -579,7 +573,7 @@ class Scheduler:
             self._finish(seq, reason)
         elif seq.status == RUNNING and seq.num_tokens // g > before // g:  # a block filled up
             self.kv.register(seq.seq_id, seq.tokens, min(seq.num_computed, seq.num_tokens))
-        return TokenEvent(seq, kept, reason, is_prefill, row, 0)
+        return TokenEvent(seq, kept, reason, is_prefill, row)
 
     # -- introspection -------------------------------------------------------------------
     def stats(self) -> dict:
