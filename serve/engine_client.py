@@ -216,6 +216,12 @@ class EngineClient:
                 if isinstance(msg, tp.Ready):
                     rep = self._replicas[msg.replica]
                     rep.info, rep.pid = json.loads(msg.info), msg.pid
+                    lim = rep.info["limits"]
+                    # Gauges before the core's first stats message: an idle, empty engine.
+                    rep.stats = {**{k: 0 for k in tp.GAUGES}, "steps": 0, "preemptions": 0,
+                                 "prefix_hit_tokens": 0, "prefix_lookup_tokens": 0,
+                                 "generated_tokens": 0, "prefill_tokens": 0,
+                                 "pages_free": lim["num_pages"], "num_slots": lim["max_running"]}
                     waiting.discard(msg.replica)
                 elif isinstance(msg, tp.StartupFailed):
                     self.kill()

@@ -52,8 +52,9 @@ def test_two_process_server_serves_one_device_tokens(tmp_path):
                XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_DEFAULT_MATMUL_PRECISION="highest")
     argv = [sys.executable, "-m", "serve", "--model", "dummy", "--mesh", "tp=2",
-            "--port", str(grpc_port), "--batch-buckets", "2,4",
-            "--prefill-buckets", "16,32", "--num-pages", "64",
+            "--port", str(grpc_port), "--batch-buckets", "2", "--prefill-buckets", "16",
+            "--prefill-rows", "1", "--max-num-batched-tokens", "16", "--decode-steps", "2",
+            "--num-pages", "64",  # 4 programs per process: warm-up is what costs here
             "--coordinator", f"127.0.0.1:{coord}", "--num-processes", "2",
             "--step-port", str(_free_port())]
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]

@@ -498,7 +498,7 @@ def spy(real, monkeypatch):
 def _idle(real) -> None:
     """Wait until earlier tests' cancelled requests have left the engine."""
     _wait_for(lambda: (real.pages_used() == 0 and real.engine.stats()["queued"] == 0
-                       and real.engine.stats()["running"] == 0), timeout=30, what="idle engine")
+                       and real.engine.stats()["running"] == 0), what="idle engine")
 
 
 FILLER = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[11]),
