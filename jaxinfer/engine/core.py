@@ -214,18 +214,13 @@ class EngineCore:
         host = time.perf_counter() - t0
         if self._pending is not None:
             done, self._pending = self._pending, None
-            try:
-                dec = np.asarray(done[1]) if done[1] is not None else None
-                pre = np.asarray(done[2]) if done[2] is not None else None
-            except Exception as e:
-                sched.discard(done[0])
-                if handle is not None:  # the new step was queued behind the failed one
-                    sched.discard(handle[0])
-                    handle = None
-                self._device_failure(e, outputs)
-            else:
+            results = self._read(done, outputs)
+            if results is None and handle is not None:  # it was queued behind the failure
+                sched.discard(handle[0])
+                handle = None
+            elif results is not None:
                 t2 = time.perf_counter()
-                stats.generated_tokens = self._apply(done[0], dec, pre, outputs)
+                stats.generated_tokens = self._apply(done[0], *results, outputs)
                 applied = time.perf_counter() - t2
                 host += applied
                 t_sched += applied
@@ -321,15 +316,20 @@ class EngineCore:
         outputs: list[SampleOutput] = []
         if self._pending is not None:
             done, self._pending = self._pending, None
-            try:
-                dec = np.asarray(done[1]) if done[1] is not None else None
-                pre = np.asarray(done[2]) if done[2] is not None else None
-            except Exception as e:
-                self.scheduler.discard(done[0])
-                self._device_failure(e, outputs)
-            else:
-                self._apply(done[0], dec, pre, outputs)
+            results = self._read(done, outputs)
+            if results is not None:
+                self._apply(done[0], *results, outputs)
         return outputs
+
+    def _read(self, done: tuple, outputs: list[SampleOutput]) -> tuple | None:
+        """A dispatched step's outputs on the host (decode, prefill), or None when the step
+        failed on the device (its sequences are then failed and the state reset)."""
+        try:
+            return tuple(None if x is None else np.asarray(x) for x in done[1:])
+        except Exception as e:
+            self.scheduler.discard(done[0])
+            self._device_failure(e, outputs)
+            return None
 
     def _late_compile(self, key: tuple, seconds: float) -> None:
         self.num_recompiles += 1

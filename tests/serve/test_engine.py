@@ -418,3 +418,33 @@ def test_drain_then_unavailable_and_no_recompiles(engine):
         engine.submit(Request(request_id="x", prompt_ids=[256], max_tokens=2), col)
     assert engine.num_recompiles == 0
     assert engine.stats()["recompiles"] == 0
+
+
+def test_a_failed_device_step_fails_its_requests_and_the_core_goes_on(same_offline,
+                                                                     monkeypatch):
+    """A decode dispatch that raises fails the requests running then (all their samples, the
+    waiting second sample of an n=2 request too), resets the device state, and the next
+    requests are served exactly."""
+    llm = same_offline
+    runner = llm.core.runner
+    p = [256, 3, 1, 4, 1, 5]
+    want = llm.generate([llm.request(p, max_tokens=6)])[0][0].token_ids
+    real_decode = runner.decode
+    calls = []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected device failure")
+        return real_decode(*args, **kw)
+
+    monkeypatch.setattr(runner, "decode", failing)
+    out = llm.generate([llm.request(p, max_tokens=12),
+                        llm.request([256] + list(range(7, 30)), max_tokens=12, n=2)])
+    reasons = [c.finish_reason for samples in out for c in samples]
+    assert "error" in reasons and all(r in ("error", "length", "stop") for r in reasons)
+    assert all("injected device failure" in c.error for s in out for c in s
+               if c.finish_reason == "error")
+    assert llm.pages_used() == 0
+    monkeypatch.setattr(runner, "decode", real_decode)
+    assert llm.generate([llm.request(p, max_tokens=6)])[0][0].token_ids == want
