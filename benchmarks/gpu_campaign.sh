@@ -213,8 +213,11 @@ mesh_70b() {  # the 70B shape (141 GB of bf16 weights) on the GPUs there are: ba
 
 # train_models: train the tokenizer once, then the demo, draft and target models on the Python
 # standard library (benchmarks/train_models.py), measure draft/target greedy agreement, keep
-# the small demo model. About 7-8 minutes; T_DEMO, T_DRAFT, T_TARGET are the seconds each
-# model trains (its schedule is fitted to them), TRAIN_ARGS / AGREE_ARGS add flags. Writes
+# the small demo model. About 6 minutes; T_DEMO, T_DRAFT, T_TARGET cap the seconds each model
+# trains (its schedule is fitted to them or to the preset's epochs, whichever ends first),
+# TRAIN_ARGS / AGREE_ARGS add flags. The corpus is STDLIB (default .corpus/stdlib.tar.gz, a full
+# CPython Lib packed on the dev machine by `python benchmarks/train_models.py --pack-stdlib
+# .corpus/stdlib.tar.gz` and carried; without it, this machine's stripped stdlib). Writes
 # train_models.jsonl, train_models.err, train_demo.tar.gz, train_samples.txt.
 _train_timing() {  # what, exit status, start (epoch s) -> one JSON line
   echo "{\"event\": \"timing\", \"model\": \"$1\", \"rc\": $2, \"wall_s\": $(($(date +%s) - $3))}"
@@ -222,17 +225,19 @@ _train_timing() {  # what, exit status, start (epoch s) -> one JSON line
 
 train_models() {
   local work=${TRAIN_WORK:-/tmp/train_models} log="$OUT/train_models.jsonl"
-  local err="$OUT/train_models.err" name budget t0 t_all
+  local err="$OUT/train_models.err" name budget t0 t_all corpus=()
+  local stdlib=${STDLIB:-.corpus/stdlib.tar.gz}
+  [ -e "$stdlib" ] && corpus=(--stdlib "$stdlib")
   rm -rf "$work"
   mkdir -p "$work"
   t_all=$(date +%s)
   # The demo run trains the tokenizer into $work/tok; draft and target reuse it.
-  for spec in "demo ${T_DEMO:-90}" "draft ${T_DRAFT:-60}" "target ${T_TARGET:-120}"; do
+  for spec in "demo ${T_DEMO:-90}" "draft ${T_DRAFT:-60}" "target ${T_TARGET:-150}"; do
     read -r name budget <<<"$spec"
     step "train $name (budget ${budget}s)"
     t0=$(date +%s)
     timeout $((budget + 75)) $PY benchmarks/train_models.py --preset "$name" \
-      --out "$work/$name" --tokenizer "$work/tok" --time-budget "$budget" ${TRAIN_ARGS:-} \
+      --out "$work/$name" --tokenizer "$work/tok" --time-budget "$budget" "${corpus[@]}" ${TRAIN_ARGS:-} \
       >>"$log" 2>>"$err"
     _train_timing "$name" $? "$t0" >>"$log"
     if [ "$name" = demo ] && [ -f "$work/demo/model.safetensors" ]; then
@@ -242,7 +247,7 @@ train_models() {
   step "draft/target agreement"
   t0=$(date +%s)
   timeout 90 $PY benchmarks/train_models.py --measure-agreement "$work/draft" "$work/target" \
-    ${AGREE_ARGS:-} >>"$log" 2>>"$err"
+    "${corpus[@]}" ${AGREE_ARGS:-} >>"$log" 2>>"$err"
   _train_timing agreement $? "$t0" >>"$log"
   _train_timing all 0 "$t_all" >>"$log"
   $PY - "$log" >"$OUT/train_samples.txt" <<'EOF'
