@@ -334,7 +334,7 @@ def print_table(rows: list[dict]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxinfer.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="dummy", help="preset name or model directory")
+    p.add_argument("--model", default="dummy", help="random-weight preset, bundled model (demo) or model directory")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=256)

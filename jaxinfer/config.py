@@ -3,13 +3,15 @@
 `ModelConfig` describes the network, `EngineConfig` how it is run (page size, buckets,
 dtypes, kernels), `ServeConfig` the server around it. All are static jit arguments, so they
 must stay hashable: tuples, not lists. Hugging Face `config.json` files are mapped to
-`ModelConfig` by `checkpoints.hf_config`; named random-weight presets live in `PRESETS`.
+`ModelConfig` by `checkpoints.hf_config`; named random-weight presets live in `PRESETS`, and
+trained models shipped inside the package (Hugging Face directories) in `BUNDLED_MODELS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Literal
 
 from jaxinfer.errors import ConfigError
@@ -337,6 +339,27 @@ PRESETS: dict[str, ModelConfig] = {
         eos_token_ids=(257,),
     ),
 }
+
+
+# Trained models inside the package: `demo` (3.8M parameters, trained on the Python standard
+# library by benchmarks/train_models.py; jaxinfer/models/demo/README.md) is what `python -m serve`
+# serves when no --model is given.
+BUNDLED_MODELS: dict[str, Path] = {"demo": Path(__file__).parent / "models" / "demo"}
+DEFAULT_MODEL = "demo"
+
+
+def model_source(model: str) -> ModelConfig | Path:
+    """A `--model` value: a random preset's config, or the directory to load (a bundled model's
+    or the path given). One error for anything else."""
+    if model in PRESETS:
+        return PRESETS[model]
+    path = BUNDLED_MODELS.get(model, Path(model))
+    if not path.is_dir():
+        raise ConfigError(
+            f"--model {model!r} is neither a directory, a bundled model "
+            f"({', '.join(sorted(BUNDLED_MODELS))}) nor a random-weight preset "
+            f"({', '.join(sorted(PRESETS))})")
+    return path
 
 
 def preset(name: str) -> ModelConfig:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxinfer.config import EngineConfig
+from jaxinfer.config import DEFAULT_MODEL, EngineConfig
 from jaxinfer.engine.llm import LLM
 from jaxinfer.engine.request import SamplingOptions
 from jaxinfer.errors import JaxinferError, RequestError
@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxinfer.generate",
                                 description="Generate text with a Llama-family model.")
-    p.add_argument("--model", required=True, help="HF or converted directory, or a preset "
-                   "(dummy, llama-3.2-1b-shape, ...)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="HF or converted directory, a bundled model (demo: the default) or a "
+                   "random-weight preset (dummy, llama-3.2-1b-shape, ...)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append",

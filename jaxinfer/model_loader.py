@@ -1,4 +1,5 @@
-"""Turn a `--model` argument (a preset name, `dummy`, a Hugging Face or converted directory)
+"""Turn a `--model` argument (a random preset such as `dummy`, a bundled model such as `demo`, a
+Hugging Face or converted directory)
 into a config, an NNX graph, parameters placed on the mesh, and a tokenizer.
 
 Random presets are initialised directly into their shardings by a jitted initialiser, so even
@@ -15,15 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import checkpoints
-from jaxinfer.config import PRESETS, ModelConfig
+from jaxinfer.config import ModelConfig, model_source
 from jaxinfer.errors import ConfigError
 from jaxinfer.models import llama
 from jaxinfer.quant import (QuantSpec, parse_quant, quantize, quantize_axes_tree, quantize_params,
@@ -41,7 +40,7 @@ class LoadedModel:
     graphdef: object  # nnx.GraphDef of the model
     params: dict  # pure dict of jax.Array, placed with `shardings`
     tokenizer: Tokenizer | None  # None: the directory has no tokenizer files (ids only)
-    source: str  # preset name or directory
+    source: str  # the --model value: preset, bundled model or directory
     quant: str = "none"  # weight quantization of `params` (jaxinfer.quant.QUANT_MODES)
 
 
@@ -93,15 +92,9 @@ def _pure(state) -> dict:
 
 
 def load_model_config(model: str) -> ModelConfig:
-    """The config of `model` (a preset name or a model directory) without loading weights."""
-    if model in PRESETS:
-        return PRESETS[model]
-    path = Path(model)
-    if not path.is_dir():
-        raise ConfigError(
-            f"--model {model!r} is neither a directory nor a preset "
-            f"(presets: {', '.join(sorted(PRESETS))})")
-    return checkpoints.load_model_config(path)
+    """The config of `model` (a preset, bundled model or directory) without loading weights."""
+    source = model_source(model)
+    return source if isinstance(source, ModelConfig) else checkpoints.load_model_config(source)
 
 
 def load_model(model: str, *, mesh: jax.sharding.Mesh, dtype: str = "bfloat16", seed: int = 0,
@@ -112,16 +105,13 @@ def load_model(model: str, *, mesh: jax.sharding.Mesh, dtype: str = "bfloat16", 
     `jaxinfer.quant.QUANT_MODES` quantizes a float model at load ("none" keeps it float)."""
     jdtype = jnp.dtype(dtype)
     spec = parse_quant(quant)
-    if model in PRESETS:
-        cfg = PRESETS[model]
+    source = model_source(model)
+    if isinstance(source, ModelConfig):
+        cfg = source
         graphdef, params = random_params(cfg, mesh, jdtype, seed, spec)
         return LoadedModel(cfg, graphdef, params, ByteTokenizer(vocab_size=cfg.vocab_size), model,
                            spec.name if spec else "none")
-    path = Path(model)
-    if not path.is_dir():
-        raise ConfigError(
-            f"--model {model!r} is neither a directory nor a preset "
-            f"(presets: {', '.join(sorted(PRESETS))})")
+    path = source
     cfg = checkpoints.load_model_config(path)
     stored = parse_quant(checkpoints.checkpoint_quant(path))
     if stored is not None and quant is not None and spec != stored:
@@ -138,6 +128,6 @@ def load_model(model: str, *, mesh: jax.sharding.Mesh, dtype: str = "bfloat16", 
     if not has_tokenizer:
         logger.warning("%s has no tokenizer files: token ids only, no text", path)
     tokenizer = load_tokenizer(path) if has_tokenizer else None
-    return LoadedModel(cfg, graphdef, params, tokenizer, os.fspath(path),
+    return LoadedModel(cfg, graphdef, params, tokenizer, model,
                        spec.name if spec else "none")
 

@@ -386,14 +386,11 @@ def tokenizer_for_model(model: str) -> Tokenizer | None:
     """The tokenizer for a `--model` value without loading any weights or JAX: the byte-level
     one for a random preset, a directory's tokenizer files, or None when the directory has none
     (token ids only)."""
-    from jaxinfer.config import PRESETS  # config is JAX-free too
+    from jaxinfer.config import ModelConfig, model_source  # config is JAX-free too
 
-    if model in PRESETS:
-        return ByteTokenizer(vocab_size=PRESETS[model].vocab_size)
-    folder = Path(model)
-    if not folder.is_dir():
-        raise ConfigError(f"--model {model!r} is neither a directory nor a preset "
-                          f"(presets: {', '.join(sorted(PRESETS))})")
+    folder = model_source(model)
+    if isinstance(folder, ModelConfig):
+        return ByteTokenizer(vocab_size=folder.vocab_size)
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         return None
     return load_tokenizer(folder)

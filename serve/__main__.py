@@ -1,4 +1,4 @@
-"""`python -m serve --model DIR|dummy [...]`: start the engine cores, serve gRPC until SIGTERM.
+"""`python -m serve [--model demo|DIR|dummy]`: start the engine cores; serve gRPC until SIGTERM.
 
 This process is the front (gRPC, tokenization, detokenization, streaming; it imports no JAX);
 each dp replica's engine core runs in a process of its own (`serve/engine_client.py`). Every
@@ -23,7 +23,7 @@ import types
 import typing
 from collections.abc import Sequence
 
-from jaxinfer.config import EngineConfig, ServeConfig
+from jaxinfer.config import DEFAULT_MODEL, EngineConfig, ServeConfig
 from jaxinfer.errors import JaxinferError
 from sharding import multihost
 
@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve",
                                 description="Serve a Llama-family model over gRPC "
                                 "(jaxinfer.v1, JetStream-compatible, health, reflection).")
-    p.add_argument("--model", required=True,
-                   help="HF or converted directory, or a preset (dummy, llama-3.2-1b-shape, ...)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="HF or converted directory, a bundled model (demo: the default, trained "
+                   "on the Python stdlib) or a random-weight preset (dummy, llama-3.2-1b-shape, "
+                   "...)")
     p.add_argument("--host", default=ServeConfig.host, help="address to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=ServeConfig.port,
                    help="port (default %(default)s; 0 picks a free one)")

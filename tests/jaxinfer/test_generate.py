@@ -161,7 +161,7 @@ def test_cli_json_contract():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (("--model", "no-such-model"), "neither a directory nor a preset"),
+    (("--model", "no-such-model"), "neither a directory, a bundled model (demo)"),
     (("--model", "dummy", "--prompt-ids", "1,x"), "comma-separated integers"),
     (("--model", "dummy", "--prompt-ids", "1,2", "--temperature", "-1"), "temperature"),
     (("--model", "dummy", "--mesh", "tp=64"), "needs 64 devices"),
