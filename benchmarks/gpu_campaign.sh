@@ -213,7 +213,7 @@ mesh_70b() {  # the 70B shape (141 GB of bf16 weights) on the GPUs there are: ba
 
 # train_models: train the tokenizer once, then the demo, draft and target models on the Python
 # standard library (benchmarks/train_models.py), measure draft/target greedy agreement, keep
-# the small demo model. About 6 minutes; T_DEMO, T_DRAFT, T_TARGET cap the seconds each model
+# the small demo model. About 7 minutes; T_DEMO, T_DRAFT, T_TARGET cap the seconds each model
 # trains (its schedule is fitted to them or to the preset's epochs, whichever ends first),
 # TRAIN_ARGS / AGREE_ARGS add flags. The corpus is STDLIB (default .corpus/stdlib.tar.gz, a full
 # CPython Lib packed on the dev machine by `python benchmarks/train_models.py --pack-stdlib
@@ -232,7 +232,7 @@ train_models() {
   mkdir -p "$work"
   t_all=$(date +%s)
   # The demo run trains the tokenizer into $work/tok; draft and target reuse it.
-  for spec in "demo ${T_DEMO:-90}" "draft ${T_DRAFT:-60}" "target ${T_TARGET:-150}"; do
+  for spec in "demo ${T_DEMO:-90}" "draft ${T_DRAFT:-60}" "target ${T_TARGET:-180}"; do
     read -r name budget <<<"$spec"
     step "train $name (budget ${budget}s)"
     t0=$(date +%s)
