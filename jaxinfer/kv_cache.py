@@ -90,6 +90,17 @@ def init_cache(model: ModelConfig, engine: EngineConfig, shardings: PagedKVCache
     return PagedKVCache(k=make(), v=make(), k_scale=make_scale(), v_scale=make_scale())
 
 
+def write_slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array,
+                page_size: int) -> jax.Array:
+    """Flat cache slots (page * G + offset) of `positions` [B, T] through `block_tables`
+    [B, W]; -1 where not `valid` or past the table."""
+    width = block_tables.shape[1]
+    page = jnp.take_along_axis(block_tables, jnp.clip(positions // page_size, 0, width - 1),
+                               axis=1)
+    inside = (positions >= 0) & (positions < width * page_size)
+    return jnp.where(valid & inside, page * page_size + positions % page_size, -1)
+
+
 # vLLM's CPU backend default for the KV cache (VLLM_CPU_KVCACHE_SPACE): where a device reports
 # no memory statistics, the pool is sized to hold every slot at full length, up to this.
 HOST_CACHE_BYTES = 4 * 2**30
@@ -119,12 +130,13 @@ def memory_stats(device) -> dict | None:
 
 
 def size_pool(model: ModelConfig, engine: EngineConfig, mesh: jax.sharding.Mesh, *,
-              reserved_bytes: int = 0) -> int:
+              reserved_bytes: int = 0, extra_page_bytes: int = 0) -> int:
     """Pages for `engine.num_pages` None: on devices with memory statistics (GPU), what fits in
     `gpu_memory_utilization` of the fullest device's memory after what is in use now (the
     weights) and `reserved_bytes` (slot state, activations); elsewhere every decode slot at
-    `max_seq_len`, within HOST_CACHE_BYTES. At least one sequence of `max_seq_len`."""
-    per_page = page_bytes(model, engine, mesh)
+    `max_seq_len`, within HOST_CACHE_BYTES. At least one sequence of `max_seq_len`.
+    `extra_page_bytes`: what each page costs besides the model's KV (a draft model's cache)."""
+    per_page = page_bytes(model, engine, mesh) + extra_page_bytes
     want = engine.num_slots * engine.pages_per_seq
     free = None
     for d in mesh.devices.flat:

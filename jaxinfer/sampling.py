@@ -48,6 +48,16 @@ class SamplingParams:
 def _sample_row(logits: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array, m: jax.Array,
                 key: jax.Array) -> jax.Array:
     """Sample one token from logits [V] (float32)."""
+    order, sorted_logits = _filtered_sorted(logits, t, k, p, m)
+    choice = jax.random.categorical(key, sorted_logits)
+    return order[choice].astype(jnp.int32)
+
+
+def _filtered_sorted(logits: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array,
+                     m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(order, tempered logits in that order with filtered tokens at -inf) of one row [V]:
+    temperature, then top-k, top-p and min-p. The one definition of the sampled distribution
+    (plain sampling draws from it, speculative verification scores drafts against it)."""
     vocab = logits.shape[-1]
     # Greedy rows (t == 0) take the argmax elsewhere; divide them by 1 so nothing overflows here.
     scaled = logits / jnp.where(t > 0, t, 1.0)
@@ -60,9 +70,20 @@ def _sample_row(logits: jax.Array, t: jax.Array, k: jax.Array, p: jax.Array, m: 
     before = jnp.cumsum(probs) - probs  # mass strictly before each token
     keep &= before < p  # top-p: smallest prefix reaching p; the first token always stays
     keep &= probs >= m * probs[0]  # min-p, relative to the most likely token
-    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
-    choice = jax.random.categorical(key, sorted_logits)
-    return order[choice].astype(jnp.int32)
+    return order, jnp.where(keep, sorted_logits, -jnp.inf)
+
+
+def sampling_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """The distribution `sample` draws from, [B, V] float32 in vocabulary order (penalties
+    already applied to `logits`); a greedy row (temperature 0) is one-hot at its argmax."""
+    def row(lg, t, k, p, m):
+        order, sorted_logits = _filtered_sorted(lg, t, k, p, m)
+        return jnp.zeros_like(lg).at[order].set(jax.nn.softmax(sorted_logits))
+
+    logits = whole_rows(logits)
+    probs = jax.vmap(row)(logits, params.temperature, params.top_k, params.top_p, params.min_p)
+    onehot = jax.nn.one_hot(greedy_tokens(logits), logits.shape[-1], dtype=probs.dtype)
+    return jnp.where((params.temperature > 0)[:, None], probs, onehot)
 
 
 def sample(
@@ -123,11 +144,20 @@ def apply_penalties(
     every token seen in the prompt or the output (a positive logit is divided by r, any other is
     multiplied by it), then the frequency penalty subtracts `frequency * count` and the presence
     penalty subtracts `presence` from every token generated at least once (output only)."""
-    in_output = output_counts > 0
-    rep = jnp.where(prompt_mask | in_output, params.repetition_penalty[:, None], 1.0)
+    return penalized(logits, prompt_mask, output_counts, params.repetition_penalty[:, None],
+                     params.presence_penalty[:, None], params.frequency_penalty[:, None])
+
+
+def penalized(logits: jax.Array, in_prompt: jax.Array, counts: jax.Array, repetition: jax.Array,
+              presence: jax.Array, frequency: jax.Array) -> jax.Array:
+    """`apply_penalties` elementwise (broadcasting): a logit given whether its token is in the
+    prompt and how often it was generated (speculative verification re-scores draft tokens
+    with counts that include the drafts before them)."""
+    in_output = counts > 0
+    rep = jnp.where(in_prompt | in_output, repetition, 1.0)
     logits = jnp.where(logits > 0, logits / rep, logits * rep)
-    logits = logits - params.frequency_penalty[:, None] * output_counts.astype(logits.dtype)
-    return logits - params.presence_penalty[:, None] * in_output.astype(logits.dtype)
+    logits = logits - frequency * counts.astype(logits.dtype)
+    return logits - presence * in_output.astype(logits.dtype)
 
 
 def token_logprobs(
