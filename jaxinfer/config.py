@@ -192,6 +192,10 @@ class EngineConfig:
     max_n: int = 8  # samples per request
     max_stop_token_ids: int = 64  # stop token ids per request (checked on device)
     enable_prefix_cache: bool = True
+    # Speculative decoding, vLLM's JSON (`--speculative-config`; jaxinfer/speculative/config.py):
+    # {"method": "draft_model", "model": DIR, "num_speculative_tokens": K}, {"method": "ngram",
+    # ...}, {"method": "layer_skip", "num_layers": N, ...} or a plug-in; None = off.
+    speculative_config: str | None = None
 
     def __post_init__(self) -> None:
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -238,10 +242,21 @@ class EngineConfig:
             raise ConfigError(
                 f"page_buckets must be strictly increasing positive ints ending at >= "
                 f"pages_per_seq ({self.pages_per_seq}), got {w}")
+        spec = self.speculative  # a ConfigError names a bad key
+        if spec is not None and self.max_seq_len < spec.k + 2:
+            raise ConfigError(f"max_seq_len ({self.max_seq_len}) is too short for "
+                              f"{spec.k} speculative tokens")
         if self.max_logprobs < 0 or self.max_n < 1 or self.max_stop_token_ids < 0:
             raise ConfigError(f"max_logprobs and max_stop_token_ids must be >= 0 and max_n >= 1, "
                               f"got {self.max_logprobs}, {self.max_stop_token_ids} and "
                               f"{self.max_n}")
+
+    @property
+    def speculative(self):
+        """`speculative_config` parsed (a `SpeculativeConfig`), or None."""
+        from jaxinfer.speculative.config import parse_speculative_config
+
+        return parse_speculative_config(self.speculative_config)
 
     @property
     def layer_unroll(self) -> int:

@@ -41,8 +41,8 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine import packing
 from jaxinfer.errors import ConfigError
 from jaxinfer.kv_cache import PagedKVCache, cache_axes, init_cache
-from jaxinfer.steps import (SlotState, StepOptions, decode_step, init_slot_state, prefill_step,
-                            verify_step)
+from jaxinfer.steps import (SlotState, SpecOptions, StepOptions, decode_step, init_slot_state,
+                            prefill_step, speculative_step, verify_step)
 from sharding.mesh import MeshSpec, check_model_fits
 from sharding.rules import model_rules, tree_shardings
 from sharding.spmd import mesh_context, replicated, shard_map, specs_of
@@ -59,17 +59,20 @@ def _local(out: jax.Array) -> jax.Array:
 class Runner:
     """The compiled programs of one model on one (pp, tp) mesh, and the cache and slot state.
 
-    Program keys: ("decode", B, W, steps, full), ("prefill", R, T), ("verify", B, T, W).
+    Program keys: ("decode", B, W, steps, full), ("prefill", R, T), ("verify", B, T, W) and,
+    with a proposer, ("spec", B, W, k, full) for every speculative tier k > 0.
 
     Args:
         model_cfg: the model.
         engine_cfg: buckets and cache geometry; `num_pages` must be resolved.
         graphdef, params: the model's NNX graph and its placed parameters.
         mesh: a mesh with dp = 1.
+        proposer: a `jaxinfer.speculative.api.Proposer` (speculative decoding), or None.
+        spec: its `SpeculativeConfig` (tiers, verifier).
     """
 
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, graphdef, params, *,
-                 mesh: jax.sharding.Mesh) -> None:
+                 mesh: jax.sharding.Mesh, proposer=None, spec=None) -> None:
         self.spec = MeshSpec.of(mesh)
         if self.spec.dp != 1:
             raise ConfigError(f"a runner runs one replica; got dp={self.spec.dp} (data-parallel "
@@ -102,16 +105,34 @@ class Runner:
         self.compile_seconds = 0.0
         self.warm = False
         self.on_late_compile: Callable[[tuple, float], None] | None = None
+        self.proposer = proposer
+        self.spec_cfg = spec
+        self.pparams = proposer.params() if proposer is not None else None
+        self.pstate = None
+        self.spec_opts = None
+        if proposer is not None:
+            if self.spec.pp > 1:
+                raise ConfigError(f"speculative decoding runs on meshes with pp = 1 (got pp="
+                                  f"{self.spec.pp})")
+            self.spec_opts = SpecOptions(
+                acceptance="synthetic" if spec.method == "synthetic" else spec.acceptance,
+                typical_threshold=spec.typical_threshold, typical_alpha=spec.typical_alpha,
+                synthetic_rate=float(spec.acceptance_rate or 0.0))
 
     # -- state ---------------------------------------------------------------------------
     def init_state(self) -> None:
         """A zeroed cache and an all-inactive slot state (also after a failed step)."""
         self.cache = None
         self.state = None
+        self.pstate = None
         self.cache = init_cache(self.model_cfg, self.engine_cfg, self.cache_shardings)
+        history = (self.engine_cfg.max_seq_len
+                   if self.proposer is not None and self.proposer.uses_history else 1)
         make = functools.partial(init_slot_state, self.num_slots, self.model_cfg.vocab_size,
-                                 self.num_stop)
+                                 self.num_stop, history)
         self.state = jax.jit(make, out_shardings=self._rep)()
+        if self.proposer is not None:
+            self.pstate = self.proposer.init_state(self.num_slots, self.engine_cfg)
 
     def state_bytes(self) -> int:
         """Bytes of the slot state on one device (it is replicated)."""
@@ -119,12 +140,21 @@ class Runner:
 
     # -- programs ------------------------------------------------------------------------
     def program_keys(self) -> list[tuple]:
-        """Every program warm-up compiles: decode (B, W, steps, full) and prefill (R, T)."""
+        """Every program warm-up compiles: decode (B, W, steps, full), prefill (R, T) and the
+        speculative tiers (B, W, k, full)."""
         eng = self.engine_cfg
+        spec = []
+        if self.proposer is not None:
+            spec = [("spec", b, w, k, full) for b, w in buckets.decode_shapes(eng)
+                    for k in self.spec_tiers() if k > 0 for full in (False, True)]
         return ([("decode", b, w, steps, full)
                  for b, w in buckets.decode_shapes(eng)
                  for steps, full in buckets.decode_variants(eng)]
-                + [("prefill", r, t) for r, t in buckets.prefill_shapes(eng)])
+                + [("prefill", r, t) for r, t in buckets.prefill_shapes(eng)] + spec)
+
+    def spec_tiers(self) -> tuple[int, ...]:
+        """Speculative depths compiled (0 is plain decoding); () without a proposer."""
+        return self.spec_cfg.active_tiers() if self.proposer is not None else ()
 
     def prefill_layout(self, chunk: int) -> packing.PrefillLayout:
         return packing.PrefillLayout(chunk, self.full_width, self.num_stop)
@@ -159,6 +189,33 @@ class Runner:
         cache_out = self.cache_shardings
         state_out = jax.tree.map(lambda x: x.sharding, self.state)
         kind, graphdef, opts = key[0], self.graphdef, self.opts
+        proposer = self.proposer
+        if proposer is not None and kind in ("spec", "prefill"):
+            pstate_spec = jax.tree.map(spec, self.pstate)
+            pstate_out = jax.tree.map(lambda x: x.sharding, self.pstate)
+            pparams = self.pparams
+            if kind == "spec":
+                _, b, w, k, full = key
+
+                def body(params, pp, cache, state, pst, inputs):
+                    return speculative_step(graphdef, params, pp, cache, state, pst, inputs,
+                                            opts=opts, proposer=proposer,
+                                            spec=self.spec_opts, k=k, full=full)
+
+                args = (self.params, pparams, cache_spec, state_spec, pstate_spec,
+                        ints(b, 1 + w))
+            else:
+                _, r, t = key
+                layout = self.prefill_layout(t)
+
+                def body(params, pp, cache, state, pst, inputs):
+                    return prefill_step(graphdef, params, cache, state, inputs, opts=opts,
+                                        layout=layout, proposer=proposer, pparams=pp,
+                                        pstate=pst)
+
+                args = (self.params, pparams, cache_spec, state_spec, pstate_spec,
+                        ints(r, layout.row_width))
+            return body, args, (2, 3, 4), (cache_out, state_out, pstate_out, self._rep)
         if kind == "decode":
             _, b, w, steps, full = key
 
@@ -255,8 +312,22 @@ class Runner:
         """Dispatch a prefill step (asynchronously): inputs [R, PrefillLayout(chunk).row_width]
         at a compiled (R, chunk); returns output rows [R, 2 + 2k]."""
         exe = self._exe(("prefill", inputs.shape[0], chunk))
-        self.cache, self.state, out = exe(self.params, self.cache, self.state,
-                                          np.ascontiguousarray(inputs, np.int32))
+        inputs = np.ascontiguousarray(inputs, np.int32)
+        if self.proposer is not None:
+            self.cache, self.state, self.pstate, out = exe(
+                self.params, self.pparams, self.cache, self.state, self.pstate, inputs)
+            return _local(out)
+        self.cache, self.state, out = exe(self.params, self.cache, self.state, inputs)
+        return _local(out)
+
+    def speculate(self, inputs: np.ndarray, *, k: int, full: bool) -> jax.Array:
+        """Dispatch a speculative step (asynchronously): inputs [B, 1 + W] as for decode, k
+        drafts per row; returns output rows [k + 2, B, C] (`steps.speculative_step`)."""
+        b, w1 = inputs.shape
+        exe = self._exe(("spec", b, w1 - 1, k, full))
+        self.cache, self.state, self.pstate, out = exe(
+            self.params, self.pparams, self.cache, self.state, self.pstate,
+            np.ascontiguousarray(inputs, np.int32))
         return _local(out)
 
     def verify(self, inputs: np.ndarray, *, chunk: int, width: int) -> jax.Array:
@@ -272,15 +343,42 @@ class Runner:
         scratch = self.num_slots
         out = None
         for key in self.program_keys():
-            if key[0] == "decode":
+            if key[0] in ("decode", "spec"):
                 _, b, w, steps, full = key
                 rows = packing.decode_rows(np.full(b, scratch, np.int32),
                                            np.zeros((b, w), np.int32))
-                out = self.decode(rows, num_steps=steps, full=full)
+                if key[0] == "spec":
+                    out = self.speculate(rows, k=steps, full=full)
+                else:
+                    out = self.decode(rows, num_steps=steps, full=full)
             else:
                 _, r, t = key
                 out = self.prefill(self.prefill_layout(t).empty(r, scratch), chunk=t)
             out.block_until_ready()
+
+    def step_costs(self, repeats: int = 5) -> dict[tuple[int, int], float]:
+        """Seconds per dispatch of each speculative tier at each decode batch bucket, {(k, B):
+        s}, the median of `repeats` runs on padding rows (k = 0: a plain decode dispatch of
+        `decode_steps` tokens); adaptive depth weighs tiers with them. Padding rows read every
+        weight but no KV, so long contexts cost somewhat more than measured here."""
+        eng = self.engine_cfg
+        scratch = self.num_slots
+        w = self.full_width
+        costs = {}
+        for b in eng.batch_buckets:
+            rows = packing.decode_rows(np.full(b, scratch, np.int32), np.zeros((b, w), np.int32))
+            for k in self.spec_tiers():
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    if k == 0:
+                        self.decode(rows, num_steps=eng.decode_steps, full=False
+                                    ).block_until_ready()
+                    else:
+                        self.speculate(rows, k=k, full=False).block_until_ready()
+                    times.append(time.perf_counter() - t0)
+                costs[(k, b)] = float(np.median(times))
+        return costs
 
     def close(self) -> None:
         """Release what the runner holds besides device arrays (nothing here; a multi-host

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.engine import packing as pk
-from jaxinfer.kv_cache import PagedKVCache
+from jaxinfer.kv_cache import PagedKVCache, write_slots
 from jaxinfer.sampling import (SamplingParams, apply_penalties, greedy_tokens, sample,
                                token_logprobs, whole_rows)
 from sharding import pipeline
@@ -56,9 +56,16 @@ class SlotState:
     stop_ids: jax.Array  # [S+1, max_stop_token_ids] int32, -1 = none
     prompt_mask: jax.Array  # [S+1, V] bool: token occurs in the prompt (penalized slots)
     output_counts: jax.Array  # [S+1, V] int32: times the token was sampled (penalized slots)
+    # [S+1, H] int32: the slot's tokens by position, its last sampled one included, kept when a
+    # proposer reads them (speculative decoding; H = max_seq_len), else H = 1 and unused.
+    history: jax.Array
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.history.shape[1] > 1
 
 
-def init_slot_state(num_slots: int, vocab: int, num_stop: int) -> SlotState:
+def init_slot_state(num_slots: int, vocab: int, num_stop: int, history: int = 1) -> SlotState:
     """A state with every slot inactive (call under jit with the state's sharding)."""
     s = num_slots + 1
     floats = jnp.tile(jnp.asarray(pk.NEUTRAL_FLOATS, jnp.float32), (s, 1))
@@ -67,7 +74,8 @@ def init_slot_state(num_slots: int, vocab: int, num_stop: int) -> SlotState:
                      floats=floats, ints=jnp.zeros((s, pk.NUM_INT), jnp.int32),
                      stop_ids=jnp.full((s, num_stop), -1, jnp.int32),
                      prompt_mask=jnp.zeros((s, vocab), bool),
-                     output_counts=jnp.zeros((s, vocab), jnp.int32))
+                     output_counts=jnp.zeros((s, vocab), jnp.int32),
+                     history=jnp.zeros((s, history), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,17 +130,6 @@ def _forward(model, opts: StepOptions, cache: PagedKVCache, tokens, positions, b
     out, cache = pipeline.gpipe(stage_fn, pick, xs, cache, num_stages=opts.num_stages)
     out = out.reshape(b, *out.shape[2:])
     return model.norm(out), cache
-
-
-def _write_slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array,
-                 page_size: int) -> jax.Array:
-    """Flat cache slots (page * G + offset) of `positions` [B, T] through `block_tables`
-    [B, W]; -1 where not `valid` or past the table."""
-    width = block_tables.shape[1]
-    page = jnp.take_along_axis(block_tables, jnp.clip(positions // page_size, 0, width - 1),
-                               axis=1)
-    inside = (positions >= 0) & (positions < width * page_size)
-    return jnp.where(valid & inside, page * page_size + positions % page_size, -1)
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -199,11 +196,13 @@ def _deactivate_scratch(state: SlotState) -> SlotState:
 
 
 def prefill_step(graphdef, params, cache: PagedKVCache, state: SlotState, inputs: jax.Array, *,
-                 opts: StepOptions, layout: pk.PrefillLayout
-                 ) -> tuple[PagedKVCache, SlotState, jax.Array]:
+                 opts: StepOptions, layout: pk.PrefillLayout, proposer=None, pparams=None,
+                 pstate=None):
     """A chunk of up to T known tokens for each of R rows (inputs [R, layout.row_width]);
-    returns (cache, state, output rows [R, 2 + 2k]). Rows with the sample flag sample the next
-    token and (re)start their slot with the row's parameters."""
+    returns (cache, state, output rows [R, 2 + 2k]), or (cache, state, proposer state, output
+    rows) with a `proposer` (`jaxinfer.speculative.api.Proposer`), whose `prefill` sees the same
+    chunk. Rows with the sample flag sample the next token and (re)start their slot with the
+    row's parameters."""
     model = nnx.merge(graphdef, params)
     g = cache.page_size
     scratch = state.tokens.shape[0] - 1
@@ -222,7 +221,7 @@ def prefill_step(graphdef, params, cache: PagedKVCache, state: SlotState, inputs
     # Padding columns sit at position 0: dynamic RoPE scaling reads a row's largest position
     # as its length, so they must not count.
     positions = jnp.where(in_chunk, start[:, None] + j[None, :], 0)  # [R, T]
-    writes = _write_slots(bt, positions, in_chunk, g)
+    writes = write_slots(bt, positions, in_chunk, g)
     seq_lens = jnp.where(real, start + length, 0)
     last_index = jnp.maximum(length - 1, 0)
 
@@ -231,6 +230,12 @@ def prefill_step(graphdef, params, cache: PagedKVCache, state: SlotState, inputs
 
     last, cache = _forward(model, opts, cache, tok, positions, bt, seq_lens, writes, collect)
     logits = model.logits(last, kernels=opts.kernels)
+    if proposer is not None:
+        from jaxinfer.speculative.api import PrefillChunk
+
+        pstate = proposer.prefill(pparams, pstate, PrefillChunk(
+            tokens=tok, positions=positions, block_tables=bt, seq_lens=seq_lens,
+            writes=writes, slots=slot))
 
     # The slot takes the row's sampling parameters; penalized rows track their prompt tokens
     # (mask) and already generated tokens (counts, when a preempted sequence is recomputed).
@@ -258,7 +263,15 @@ def prefill_step(graphdef, params, cache: PagedKVCache, state: SlotState, inputs
         seq_lens=state.seq_lens.at[slot].set(seq_lens),
         remaining=state.remaining.at[slot].set(jnp.where(sampled, remaining, 0)),
         active=state.active.at[slot].set(active))
-    return cache, _deactivate_scratch(state), out
+    if state.keeps_history:
+        h = state.history.shape[1]
+        hist = state.history.at[rows, jnp.where(in_chunk, positions, h)].set(tok, mode="drop")
+        hist = hist.at[keep, jnp.where(sampled, seq_lens, h)].set(tokens, mode="drop")
+        state = dataclasses.replace(state, history=hist)
+    state = _deactivate_scratch(state)
+    if proposer is not None:
+        return cache, state, pstate, out
+    return cache, state, out
 
 
 # -- decode ------------------------------------------------------------------------------------
@@ -278,7 +291,7 @@ def _feed(state: SlotState, slot: jax.Array, block_tables: jax.Array, page_size:
     token each row feeds."""
     act = state.active[slot]
     pos = state.seq_lens[slot]
-    write = _write_slots(block_tables, pos[:, None], act[:, None], page_size)[:, 0]
+    write = write_slots(block_tables, pos[:, None], act[:, None], page_size)[:, 0]
     return state.tokens[slot], pos, write, jnp.where(act, pos + 1, 0), act
 
 
@@ -292,6 +305,10 @@ def _advance(state: SlotState, slot: jax.Array, logits: jax.Array, act: jax.Arra
                                  num_logprobs=opts.num_logprobs)
     remaining = state.remaining[slot] - 1
     stop = _stopped(tokens, ip, state.stop_ids[slot], opts.eos_ids) | (remaining <= 0)
+    if state.keeps_history:
+        h = state.history.shape[1]
+        state = dataclasses.replace(state, history=state.history.at[
+            slot, jnp.where(act, pos + 1, h)].set(tokens, mode="drop"))
     state = dataclasses.replace(
         state,
         tokens=state.tokens.at[slot].set(jnp.where(act, tokens, state.tokens[slot])),
@@ -384,7 +401,7 @@ def verify_step(graphdef, params, cache: PagedKVCache, inputs: jax.Array, *, opt
     j = jnp.arange(chunk, dtype=jnp.int32)
     real = j[None, :] < length[:, None]
     positions = jnp.where(real, start[:, None] + j[None, :], 0)  # padding: see prefill_step
-    writes = _write_slots(bt, positions, real, cache.page_size)
+    writes = write_slots(bt, positions, real, cache.page_size)
     seq_lens = jnp.where(length > 0, start + length, 0)
 
     def collect(x, rows):
@@ -392,3 +409,113 @@ def verify_step(graphdef, params, cache: PagedKVCache, inputs: jax.Array, *, opt
 
     hidden, cache = _forward(model, opts, cache, tok, positions, bt, seq_lens, writes, collect)
     return cache, model.logits(hidden, kernels=opts.kernels)
+
+
+# -- speculative decoding ----------------------------------------------------------------------
+
+# Column 0 of the extra output row of a speculative step packs (drafts proposed, drafts the
+# verifier accepted) per row as proposed + SPEC_PACK * accepted (both <= 7).
+SPEC_PACK = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecOptions:
+    """Static choices of the speculative programs (from the SpeculativeConfig)."""
+
+    acceptance: str  # "rejection" | "typical" | "synthetic"
+    typical_threshold: float = 0.09
+    typical_alpha: float = 0.3
+    synthetic_rate: float = 0.0
+
+
+def speculative_step(graphdef, params, pparams, cache: PagedKVCache, state: SlotState, pstate,
+                     inputs: jax.Array, *, opts: StepOptions, proposer, spec: SpecOptions,
+                     k: int, full: bool):
+    """One speculative step for each of B slots (inputs [B, 1 + W]: slot | block table): the
+    proposer drafts up to k tokens, the target scores the last token and the drafts in one
+    pass (1 + k query tokens per row), the verifier keeps a prefix of the drafts and adds one
+    token, and each row stops on device as decode rows do (EOS, stop ids, max tokens) inside
+    the kept run. Returns (cache, state, proposer state, output rows [k + 2, B, C]): rows
+    0..k are the emitted tokens in order (-1 past a row's count), row k + 1 packs the step's
+    proposal statistics (`SPEC_PACK`). The KV written at rejected positions is overwritten
+    when the sequence gets there."""
+    from jaxinfer.speculative.api import ProposeInputs
+    from jaxinfer.speculative.verify import verify
+
+    model = nnx.merge(graphdef, params)
+    g = cache.page_size
+    slot, bt = inputs[:, 0], inputs[:, 1:]
+    act = state.active[slot]
+    p = state.seq_lens[slot]
+    t0 = state.tokens[slot]
+    fp, ip = state.floats[slot], state.ints[slot]
+    keys = jax.lax.bitcast_convert_type(ip[:, pk.I_KEY_HI: pk.I_KEY_LO + 1], jnp.uint32)
+    sp = _params(fp, ip) if full else None
+    inp = ProposeInputs(tokens=t0, positions=p, history=state.history[slot], block_tables=bt,
+                        active=act, slots=slot, keys=keys, sampling=sp, page_size=g)
+    pstate, prop = proposer.propose(pparams, pstate, inp, k)
+    remaining = state.remaining[slot]
+    nd = jnp.where(act, jnp.clip(jnp.minimum(prop.num_tokens, remaining - 1), 0, k), 0)
+    prop = dataclasses.replace(prop, tokens=prop.tokens.astype(jnp.int32), num_tokens=nd)
+    j = jnp.arange(k + 1, dtype=jnp.int32)
+    feed = jnp.concatenate([t0[:, None], prop.tokens], axis=1)  # [B, 1 + k]
+    positions = p[:, None] + j[None, :]
+    valid = act[:, None] & (j[None, :] <= nd[:, None])
+    writes = write_slots(bt, positions, valid, g)
+    seq_lens = jnp.where(act, p + 1 + nd, 0)
+    hidden, cache = model(feed, jnp.where(valid, positions, p[:, None]), cache, bt, seq_lens,
+                          writes, **_model_kw(opts))
+    logits = model.logits(hidden, kernels=opts.kernels)  # [B, 1 + k, V] float32
+    pen = act & _penalized(fp)
+    accepted, emitted = verify(
+        logits, prop, params=sp, keys=keys, positions=p + 1,
+        prompt_mask=state.prompt_mask[slot] if full else None,
+        counts=state.output_counts[slot] if full else None, penalize=pen if full else None,
+        acceptance=spec.acceptance, full=full, threshold=spec.typical_threshold,
+        alpha=spec.typical_alpha, rate=spec.synthetic_rate)
+    accepted = jnp.minimum(accepted, nd)
+
+    # Stops inside the kept run: the first stop token ends the row, as do its max tokens.
+    count = jnp.minimum(accepted + 1, remaining)
+    stop_ids = state.stop_ids[slot]
+    hit = jnp.stack([_stopped(emitted[:, i], ip, stop_ids, opts.eos_ids)
+                     for i in range(k + 1)], axis=1) & (j[None, :] < count[:, None])
+    first = jnp.min(jnp.where(hit, j[None, :], k + 1), axis=1)
+    count = jnp.where(act, jnp.minimum(count, first + 1), 0)
+    stopped = first < count  # a stop token among the emitted ones
+    out_tok = jnp.where(j[None, :] < count[:, None], emitted, -1)
+    last = jnp.take_along_axis(emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    left = remaining - count
+    h = state.history.shape[1]
+    vocab = state.output_counts.shape[1]
+    rows = jnp.broadcast_to(slot[:, None], out_tok.shape)
+    kept = out_tok >= 0
+    counts = state.output_counts
+    if full:
+        counts = counts.at[rows, jnp.where(kept & pen[:, None], out_tok, vocab)].add(
+            1, mode="drop")
+    state = dataclasses.replace(
+        state,
+        tokens=state.tokens.at[slot].set(jnp.where(act, last, t0)),
+        seq_lens=state.seq_lens.at[slot].set(p + count),
+        remaining=state.remaining.at[slot].set(jnp.where(act, left, remaining)),
+        active=state.active.at[slot].set(act & ~stopped & (left > 0)),
+        history=state.history.at[rows, jnp.where(kept, p[:, None] + 1 + j[None, :], h)].set(
+            out_tok, mode="drop"),
+        output_counts=counts)
+    pstate = proposer.commit(pparams, pstate, inp, jnp.maximum(count - 1, 0), k)
+
+    b = slot.shape[0]
+    if full:
+        flat = logits.reshape(b * (k + 1), -1)
+        chosen, ids, lps = token_logprobs(whole_rows(flat), jnp.maximum(out_tok, 0).reshape(-1),
+                                          opts.num_logprobs)
+        bits = jax.lax.bitcast_convert_type
+        rows_out = jnp.concatenate([out_tok.reshape(-1, 1), bits(chosen, jnp.int32)[:, None],
+                                    ids, bits(lps, jnp.int32)], axis=1)
+        rows_out = rows_out.reshape(b, k + 1, -1).transpose(1, 0, 2)
+    else:
+        rows_out = out_tok.T[:, :, None]
+    stats = jnp.zeros((1, b, rows_out.shape[2]), jnp.int32)
+    stats = stats.at[0, :, 0].set(nd + SPEC_PACK * accepted)
+    return cache, _deactivate_scratch(state), pstate, jnp.concatenate([rows_out, stats], axis=0)

@@ -38,10 +38,11 @@ from jaxinfer import buckets
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.request import (FinishReason, Limits, Request, SampleOutput, StepStats,
                                      validate_request)
-from jaxinfer.engine.scheduler import Scheduler, SchedulerOutput, Sequence
-from jaxinfer.errors import RequestError
+from jaxinfer.engine.scheduler import Scheduler, SchedulerOutput, Sequence, SpecPlan
+from jaxinfer.errors import ConfigError, RequestError
 from jaxinfer.kv_cache import memory_stats, page_bytes, size_pool
 from jaxinfer.runner import Runner
+from sharding.mesh import MeshSpec
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,21 @@ class EngineCore:
         self.quant = quant
         self.model_cfg: ModelConfig = runner.model_cfg
         self.engine_cfg: EngineConfig = runner.engine_cfg
-        self.scheduler = Scheduler(self.engine_cfg, eos_ids=self.model_cfg.eos_token_ids)
+        spec = self.engine_cfg.speculative if runner.proposer is not None else None
+        plan = None
+        if spec is not None:
+            tiers = runner.spec_tiers()
+            plan = SpecPlan(tiers=tiers, adaptive=spec.adaptive,
+                            plain_steps=self.engine_cfg.decode_steps)
+        self.spec = spec
+        self.scheduler = Scheduler(self.engine_cfg, eos_ids=self.model_cfg.eos_token_ids,
+                                   spec=plan)
+        # vLLM's speculative-decoding counters (the server exports them).
+        self.spec_counts = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0,
+                            "accepted_per_pos": [0] * (spec.k if spec else 0)}
+        # Per sample, when a caller asks (offline generation reports them per completion):
+        # (request_id, index) -> [num_drafts, num_draft_tokens, num_accepted_tokens].
+        self.spec_by_sample: dict[tuple[str, int], list[int]] | None = None
         self.has_tokenizer = has_tokenizer
         self.context_limit = min(self.engine_cfg.max_seq_len, self.model_cfg.context_limit)
         self.num_recompiles = 0
@@ -93,8 +108,24 @@ class EngineCore:
         the kernel choice and the KV pool size resolved (`resolve_engine_config`).
         `runner_factory(model_cfg, engine_cfg, graphdef, params, mesh=...)` makes the runner
         (a multi-host leader passes one that also drives the other processes)."""
-        eng = resolve_engine_config(loaded.cfg, engine_cfg, mesh)
-        runner = runner_factory(loaded.cfg, eng, loaded.graphdef, loaded.params, mesh=mesh)
+        proposer, spec = None, engine_cfg.speculative
+        if spec is not None:
+            import jax
+
+            from jaxinfer.speculative.api import TargetInfo, make_proposer
+
+            if MeshSpec.of(mesh).pp > 1:
+                raise ConfigError("speculative decoding runs on meshes with pp = 1")
+            eng0 = dataclasses.replace(
+                engine_cfg, kernels=engine_cfg.resolved_kernels(jax.default_backend()))
+            proposer = make_proposer(spec, TargetInfo(
+                model_cfg=loaded.cfg, engine_cfg=eng0, mesh=mesh, graphdef=loaded.graphdef,
+                params=loaded.params, dtype=engine_cfg.dtype, kernels=eng0.kernels,
+                unroll_layers=eng0.layer_unroll))
+        eng = resolve_engine_config(loaded.cfg, engine_cfg, mesh,
+                                    extra_page_bytes=getattr(proposer, "extra_page_bytes", 0))
+        kw = {"proposer": proposer, "spec": spec} if proposer is not None else {}
+        runner = runner_factory(loaded.cfg, eng, loaded.graphdef, loaded.params, mesh=mesh, **kw)
         return cls(runner, has_tokenizer=loaded.tokenizer is not None, model=loaded.source,
                    quant=loaded.quant)
 
@@ -112,6 +143,10 @@ class EngineCore:
         self.runner.init_state()
         self.runner.compile_all(max_workers=max_workers, progress=progress)
         self.runner.run_padding()
+        if self.scheduler.spec is not None and self.scheduler.spec.adaptive:
+            self.scheduler.spec.costs = self.runner.step_costs()
+            logger.info("speculative tier costs (k, batch): %s", {
+                key: round(v * 1e3, 3) for key, v in self.scheduler.spec.costs.items()})
         self.warmup_seconds = time.perf_counter() - t0
         logger.info("warm-up: %d programs in %.1fs (compile %.1fs of work)",
                     len(self.runner.program_keys()), self.warmup_seconds,
@@ -135,6 +170,8 @@ class EngineCore:
                 "max_num_batched_tokens": eng.max_num_batched_tokens,
             },
             "programs": len(runner.program_keys()),
+            "speculative": (None if self.spec is None else
+                            {**self.spec.to_json(), "tiers": list(runner.spec_tiers())}),
             "mesh": {**{str(k): int(v) for k, v in mesh.shape.items()},
                      "devices": [f"{d.platform}:{getattr(d, 'device_kind', 'unknown')}"
                                  for d in mesh.devices.flat]},
@@ -220,7 +257,7 @@ class EngineCore:
                 handle = None
             elif results is not None:
                 t2 = time.perf_counter()
-                stats.generated_tokens = self._apply(done[0], *results, outputs)
+                stats.generated_tokens = self._apply(done[0], *results, outputs, stats)
                 applied = time.perf_counter() - t2
                 host += applied
                 t_sched += applied
@@ -254,7 +291,10 @@ class EngineCore:
     def _dispatch(self, so: SchedulerOutput) -> tuple:
         runner = self.runner
         out_d = out_p = None
-        if so.decode_seqs:
+        if so.decode_seqs and so.spec_k:
+            out_d = runner.speculate(so.decode_inputs, k=so.spec_k, full=so.decode_full)
+            out_d.copy_to_host_async()
+        elif so.decode_seqs:
             out_d = runner.decode(so.decode_inputs, num_steps=so.num_steps, full=so.decode_full)
             out_d.copy_to_host_async()
         if so.prefill_seqs:
@@ -263,12 +303,16 @@ class EngineCore:
         return so, out_d, out_p
 
     def _apply(self, so: SchedulerOutput, dec: np.ndarray | None, pre: np.ndarray | None,
-               outputs: list[SampleOutput]) -> int:
+               outputs: list[SampleOutput], stats: StepStats | None = None) -> int:
         """Apply a step's results; returns the number of tokens applied."""
         d_tok = dec[..., 0] if dec is not None else np.zeros((0, 0), np.int32)
         p_tok = pre[:, 0] if pre is not None else np.zeros(0, np.int32)
+        spec_stats = None
+        if so.spec_k and dec is not None:
+            spec_stats = self._spec_stats(so, d_tok[-1], stats)
+            d_tok = d_tok[:-1]
         applied = 0
-        for ev in self.scheduler.update_from_output(so, d_tok, p_tok):
+        for ev in self.scheduler.update_from_output(so, d_tok, p_tok, spec_stats):
             seq = ev.seq
             entry: _Entry = seq.tag
             n = len(ev.tokens)
@@ -285,6 +329,46 @@ class EngineCore:
             if ev.finish_reason is not None:
                 self._done(seq, None, ev.finish_reason)
         return applied
+
+    def _spec_stats(self, so: SchedulerOutput, packed: np.ndarray,
+                    step_stats: StepStats | None) -> np.ndarray:
+        """(proposed, kept) drafts per decode row of a speculative step, counted into
+        `spec_counts` and `step_stats` (`steps.SPEC_PACK` packs them on device)."""
+        from jaxinfer.steps import SPEC_PACK
+
+        n = len(so.decode_seqs)
+        packed = packed[:n].astype(np.int64)
+        stats = np.stack([packed % SPEC_PACK, packed // SPEC_PACK], axis=1)
+        c = self.spec_counts
+        proposed = stats[:, 0]
+        c["num_drafts"] += int(np.count_nonzero(proposed))
+        c["num_draft_tokens"] += int(proposed.sum())
+        c["num_accepted_tokens"] += int(stats[:, 1].sum())
+        for i in range(len(c["accepted_per_pos"])):
+            kept_i = int(np.count_nonzero(stats[:, 1] > i))
+            c["accepted_per_pos"][i] += kept_i
+            if step_stats is not None:
+                setattr(step_stats, f"spec_accepted_pos_{i}", kept_i)
+        if step_stats is not None:
+            step_stats.spec_num_drafts = int(np.count_nonzero(proposed))
+            step_stats.spec_num_draft_tokens = int(proposed.sum())
+            step_stats.spec_num_accepted_tokens = int(stats[:, 1].sum())
+        if self.spec_by_sample is not None:
+            for seq, (proposed, kept) in zip(so.decode_seqs, stats.tolist()):
+                key = (seq.request.request_id, seq.index)
+                row = self.spec_by_sample.setdefault(key, [0, 0, 0])
+                row[0] += proposed > 0
+                row[1] += proposed
+                row[2] += kept
+        return stats
+
+    def pop_spec_stats(self, request_id: str, index: int) -> dict | None:
+        """A finished sample's speculative counters (None when speculation is off or
+        per-sample counting, `spec_by_sample`, is not on)."""
+        if self.spec is None or self.spec_by_sample is None:
+            return None
+        d, n, m = self.spec_by_sample.pop((request_id, index), [0, 0, 0])
+        return {"num_drafts": d, "num_draft_tokens": n, "num_accepted_tokens": m}
 
     def _done(self, seq: Sequence, outputs: list[SampleOutput] | None, reason: FinishReason,
               error: str | None = None) -> None:
@@ -338,7 +422,8 @@ class EngineCore:
 
 
 
-def resolve_engine_config(cfg: ModelConfig, engine_cfg: EngineConfig, mesh) -> EngineConfig:
+def resolve_engine_config(cfg: ModelConfig, engine_cfg: EngineConfig, mesh, *,
+                          extra_page_bytes: int = 0) -> EngineConfig:
     """`engine_cfg` with the kernels resolved for this backend and, when `num_pages` is None,
     the KV pool sized from free device memory (`jaxinfer.kv_cache.size_pool`; in a multi-host
     run the smallest of every process's size, so all build the same programs). Logs the
@@ -353,7 +438,11 @@ def resolve_engine_config(cfg: ModelConfig, engine_cfg: EngineConfig, mesh) -> E
         activations = eng.max_num_batched_tokens * (12 * cfg.hidden_size
                                                     + 3 * cfg.intermediate_size) * 4
         reserved = 2**30 + slot_bytes + activations + 8 * max(eng.prefill_rows) * cfg.vocab_size
-        pages = size_pool(cfg, eng, mesh, reserved_bytes=reserved)
+        if eng.speculative is not None:  # the slots' token history, the verify logits
+            reserved += (eng.num_slots + 1) * eng.max_seq_len * 4 + (
+                eng.num_slots * 8 * cfg.vocab_size * 4 * 3)
+        pages = size_pool(cfg, eng, mesh, reserved_bytes=reserved,
+                          extra_page_bytes=extra_page_bytes)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

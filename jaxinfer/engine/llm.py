@@ -47,6 +47,9 @@ class Completion:
     index: int = 0  # sample index in [0, n)
     logprobs: list[TokenLogprob] | None = None  # when the request asked for them
     error: str | None = None
+    # Speculative decoding of this sample (when it ran): num_drafts, num_draft_tokens,
+    # num_accepted_tokens, vLLM's counters.
+    speculative: dict | None = None
 
     def to_json(self) -> dict:
         """`generate --json`'s object: prompt_ids, token_ids, text, finish_reason (and index
@@ -60,6 +63,8 @@ class Completion:
                                 "top": [[t, v] for t, v in lp.top]} for lp in self.logprobs]
         if self.error:
             out["error"] = self.error
+        if self.speculative is not None:
+            out["speculative"] = self.speculative
         return out
 
 
@@ -145,6 +150,9 @@ class LLM:
         `on_step(step, outputs)` sees every step's Outputs (the bench times with it)."""
         if not requests:
             raise ValueError("no requests given")
+        for core in self.cores:  # count speculation per sample (Completion.speculative)
+            if core.spec is not None and core.spec_by_sample is None:
+                core.spec_by_sample = {}
         limits = self.limits
         for req in requests:
             validate_request(req, limits)
@@ -181,11 +189,12 @@ class LLM:
                 acc[2].extend(out.logprobs)
                 if out.finish_reason is not None:
                     req = state.request
+                    spec = where[out.request_id].pop_spec_stats(out.request_id, out.index)
                     results[out.request_id][out.index] = Completion(
                         prompt_ids=list(req.prompt_ids), token_ids=list(acc[0]),
                         text="".join(acc[1]), finish_reason=out.finish_reason,
                         index=out.index, logprobs=list(acc[2]) if req.logprobs else None,
-                        error=out.error)
+                        error=out.error, speculative=spec)
             if on_step is not None:
                 on_step(step, [o for _, o in done.outputs])
             step += 1

@@ -133,6 +133,18 @@ class StepStats:
     pages_used: int = 0
     pages_free: int = 0
     num_slots: int = 0
+    # Speculative decoding in the step read back (vLLM's spec_decode counters): rows that got
+    # drafts, draft tokens proposed, drafts kept, and drafts kept at draft position i.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_pos_0: int = 0
+    spec_accepted_pos_1: int = 0
+    spec_accepted_pos_2: int = 0
+    spec_accepted_pos_3: int = 0
+    spec_accepted_pos_4: int = 0
+    spec_accepted_pos_5: int = 0
+    spec_accepted_pos_6: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

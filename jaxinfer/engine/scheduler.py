@@ -46,6 +46,17 @@ only the last partial block, so the prompt's pages are shared copy-free.
 
 Sequences using repetition/presence/frequency penalties skip prefix hits: the device builds
 their prompt-token mask from the prompt chunks it is fed.
+
+Speculative decoding (`SpecPlan`). A step's decode rows all run one speculative tier k (0 is
+plain decoding): each feeds its last token and up to k drafts (1 + k tokens of the budget,
+vLLM's `num_tokens_with_spec`) and emits between 1 and k + 1 tokens, a count only the device
+knows when the next step is dispatched. The host therefore books the most a row can emit
+(`num_computed` and `num_pending` grow by k + 1, pages are reserved for every position the
+step may write) and gives back the difference when it reads the step. KV written at rejected
+positions is overwritten when the sequence reaches them, and only blocks of tokens known on the
+host (verified) enter the prefix cache. With `adaptive`, k is chosen per step to maximise
+expected tokens per second: each tier's measured step cost at the step's batch bucket against
+the tokens the running rows' acceptance estimates predict (`choose_tier`).
 """
 
 from __future__ import annotations
@@ -70,6 +81,52 @@ logger = logging.getLogger(__name__)
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
+ACCEPTANCE_PRIOR = (1.0, 1.0)  # (kept, rejected) drafts a new sequence's estimate starts from
+ACCEPTANCE_DECAY = 0.9  # weight of a sequence's history at each speculative step it runs
+
+
+@dataclasses.dataclass
+class SpecPlan:
+    """Speculative decoding as the scheduler sees it: the compiled tiers and, for adaptive
+    depth, each tier's measured step seconds by decode batch bucket ({(k, B): s}; k = 0 is a
+    plain decode dispatch of `decode_steps` tokens)."""
+
+    tiers: tuple[int, ...]  # compiled speculative depths (0 = plain decode) ascending
+    adaptive: bool = False
+    costs: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
+    plain_steps: int = 1  # tokens per row of the plain decode dispatch costs[(0, B)] timed
+
+    @property
+    def max_k(self) -> int:
+        return self.tiers[-1]
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a speculative step of depth k emits per row when each draft is kept with
+    probability alpha independently of the others: 1 + alpha + ... + alpha^k."""
+    if k == 0:
+        return 1.0
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def choose_tier(plan: SpecPlan, alphas: list[float], batch: int) -> int:
+    """The tier with the most expected tokens per second for rows of acceptance `alphas` at
+    decode bucket `batch`. Plain decoding (k = 0) is rated per token of its timed multi-step
+    dispatch (a one-token step beside prefill chunks costs it somewhat more per token)."""
+    best, best_rate = plan.tiers[0], -1.0
+    for k in plan.tiers:
+        cost = plan.costs.get((k, batch))
+        if cost is None or cost <= 0:
+            continue
+        tokens = (len(alphas) * plan.plain_steps if k == 0
+                  else sum(expected_tokens(a, k) for a in alphas))
+        rate = tokens / cost
+        if rate > best_rate:
+            best, best_rate = k, rate
+    return best
+
 
 class Sequence:
     """One sample of one request, as the scheduler tracks it."""
@@ -82,6 +139,7 @@ class Sequence:
         "index",
         "inflight",
         "int_params",
+        "live",
         "max_len",
         "needs_full_sampler",
         "num_cached_tokens",
@@ -97,6 +155,9 @@ class Sequence:
         "scheduled_step",
         "seq_id",
         "slot",
+        "spec_inflight",
+        "spec_kept",
+        "spec_rejected",
         "status",
         "stop_ids",
         "stop_row",
@@ -142,6 +203,14 @@ class Sequence:
         self.needs_full_sampler = packing.needs_full_sampler(self.float_params, self.int_params)
         self.deadline = request.deadline
         self.tag: object = None  # the engine core's per-request bookkeeping
+        self.spec_kept, self.spec_rejected = ACCEPTANCE_PRIOR  # decayed draft outcomes
+        self.spec_inflight = 0  # dispatched speculative steps not read yet (upper bounds)
+        self.live = False  # its device slot holds its last token (a sampling step was booked)
+
+    @property
+    def acceptance(self) -> float:
+        """Running estimate of the chance a draft token is kept (speculative decoding)."""
+        return self.spec_kept / (self.spec_kept + self.spec_rejected)
 
     @property
     def num_generated(self) -> int:
@@ -184,8 +253,9 @@ class SchedulerOutput:
     step: int
     decode_seqs: list[Sequence]
     decode_inputs: np.ndarray  # [B, 1 + W] int32: slot | block table
-    decode_rows_steps: np.ndarray  # [len(decode_seqs)] tokens each row may sample here
-    num_steps: int  # decode tokens per row in this dispatch (1 or decode_steps)
+    decode_rows_steps: np.ndarray  # [len(decode_seqs)] tokens each row may sample here (the
+    # most it may emit, for speculative rows)
+    num_steps: int  # decode tokens per row in this dispatch (1 or decode_steps; 1 + spec_k)
     decode_full: bool  # some decode row samples, is penalized or wants logprobs
     prefill_seqs: list[Sequence]
     prefill_inputs: np.ndarray  # [R, row width] int32 (packing.PrefillLayout)
@@ -197,6 +267,7 @@ class SchedulerOutput:
     finished: list[Sequence]  # finished by the scheduler itself this step (deadlines)
     lookups: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # admissions:
     # (prefix-cache hit tokens, tokens looked up)
+    spec_k: int = 0  # speculative depth of the decode rows (0: plain decode)
 
     @property
     def has_work(self) -> bool:
@@ -218,8 +289,10 @@ class Scheduler:
         eos_ids: the model's EOS ids.
     """
 
-    def __init__(self, engine: EngineConfig, *, eos_ids: tuple[int, ...] = ()) -> None:
+    def __init__(self, engine: EngineConfig, *, eos_ids: tuple[int, ...] = (),
+                 spec: SpecPlan | None = None) -> None:
         self.cfg = engine
+        self.spec = spec
         self.eos_ids = frozenset(eos_ids)
         self.kv = KVPages(engine.pool_pages, engine.page_size,
                           enable_prefix_cache=engine.enable_prefix_cache)
@@ -291,19 +364,30 @@ class Scheduler:
         preempted: list[Sequence] = []
         lookups: list[tuple[int, int]] = []
         num_steps = cfg.decode_steps if not self._prefill_can_join() else 1
+        spec_k = self._spec_tier()
+        if spec_k:
+            num_steps = 1 + spec_k
 
         # 1. decodes, highest priority first; a missing page preempts from the back.
         for seq in list(self.running):
-            if (seq.status != RUNNING or seq.num_computed < seq.num_tokens
-                    or not seq.can_sample()):
+            if (seq.status != RUNNING or not seq.can_sample()
+                    or (seq.num_computed < seq.num_tokens and not self._slot_holds_last(seq))):
+                continue
+            if seq.spec_inflight and seq.room() < num_steps:
+                # A speculative step in flight may have emitted fewer tokens than booked, so
+                # the device may sample more than room() says: wait until it is read, or
+                # the device would emit tokens this step's plan has no place for.
                 continue
             k = min(num_steps, seq.room())
-            if not self._reserve(seq, seq.num_computed + k, step, preempted, self_ok=True):
+            # A speculative row writes up to 1 + spec_k positions, all before max_len.
+            need = min(seq.num_computed + num_steps, seq.max_len) if spec_k else (
+                seq.num_computed + k)
+            if not self._reserve(seq, need, step, preempted, self_ok=True):
                 continue
             decode.append(seq)
             rows_steps.append(k)
             seq.scheduled_step = step
-            budget -= 1
+            budget -= 1 + spec_k
 
         # 2. prefill chunks of running sequences part-way through their known tokens.
         for seq in list(self.running):
@@ -360,12 +444,14 @@ class Scheduler:
             seq.num_computed += k
             seq.num_pending += k
             seq.inflight += 1
+            seq.spec_inflight += spec_k > 0
         samples = []
         for seq, start, n in chunks:
             seq.num_computed = start + n
             sample = seq.num_computed == seq.num_tokens and seq.can_sample()
             if sample:
                 seq.num_pending += 1
+                seq.live = True
             samples.append(sample)
             seq.inflight += 1
             if seq.index == 0 and seq.prompt_done_step < 0 and seq.num_computed >= seq.prompt_len:
@@ -375,11 +461,35 @@ class Scheduler:
         for seq, _, _ in chunks:
             self.kv.register(seq.seq_id, seq.tokens, min(seq.num_computed, seq.num_tokens))
         self.num_preemptions += len(preempted)
-        used = cfg.max_num_batched_tokens - budget + sum(rows_steps) - len(rows_steps)
+        used = cfg.max_num_batched_tokens - budget
+        if not spec_k:
+            used += sum(rows_steps) - len(rows_steps)
         out = self._build(step, decode, rows_steps, num_steps, chunks, samples, preempted,
                           finished, used)
         out.lookups = lookups
+        out.spec_k = spec_k if decode else 0
         return out
+
+    def _spec_tier(self) -> int:
+        """The speculative depth of this step's decode rows (0: plain decode)."""
+        plan = self.spec
+        if plan is None:
+            return 0
+        if not plan.adaptive:
+            return plan.max_k
+        rows = [s for s in self.running if s.status == RUNNING
+                and s.num_computed >= s.num_tokens and s.can_sample()]
+        if not rows:
+            return 0
+        batch = buckets.decode_shape(self.cfg, len(rows), 1)[0]
+        return choose_tier(plan, [s.acceptance for s in rows], batch)
+
+    @staticmethod
+    def _slot_holds_last(seq: Sequence) -> bool:
+        """Every step that carried the sequence has been read and its device slot holds its
+        last token, uncached (a row that waited out a speculative step): it decodes on."""
+        return (seq.live and seq.num_pending == 0 and seq.inflight == 0
+                and seq.num_computed == seq.num_tokens - 1)
 
     def _admissible(self, seq: Sequence, step: int) -> bool:
         """A waiting sequence may be admitted: no dispatched step still carries it, and sample
@@ -439,6 +549,7 @@ class Scheduler:
         self._free_slots.append(seq.slot)
         seq.slot = -1
         seq.num_computed = 0
+        seq.live = False
         seq.num_preemptions += 1
         seq.status = WAITING
         bisect.insort(self.waiting, seq, key=_order)
@@ -505,15 +616,19 @@ class Scheduler:
 
     # -- results -------------------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, decode_tokens: np.ndarray,
-                           prefill_tokens: np.ndarray) -> list[TokenEvent]:
+                           prefill_tokens: np.ndarray,
+                           spec_stats: np.ndarray | None = None) -> list[TokenEvent]:
         """Apply a step's sampled tokens (decode [num_steps, >= B], -1 where the device had
         stopped the row; prefill [>= R]); returns one TokenEvent per still unfinished sequence
-        that got tokens. Finished sequences release their pages and slot here."""
+        that got tokens. Finished sequences release their pages and slot here. A speculative
+        step's rows emit up to their planned count; `spec_stats` [>= B] (proposed, kept) per
+        row update their acceptance estimates."""
         events = []
         if out.decode_seqs:
             cols = decode_tokens[:, : len(out.decode_seqs)].T.tolist()  # one list per row
         for i, seq in enumerate(out.decode_seqs):
             seq.inflight -= 1
+            seq.spec_inflight -= out.spec_k > 0
             planned = int(out.decode_rows_steps[i])
             if seq.status == FINISHED:
                 continue
@@ -522,6 +637,20 @@ class Scheduler:
             ev = self._extend(seq, row, False, i)
             if ev.tokens or ev.finish_reason is not None:
                 events.append(ev)
+            if out.spec_k:
+                if spec_stats is not None:
+                    proposed, kept = (int(x) for x in spec_stats[i])
+                    d = ACCEPTANCE_DECAY
+                    seq.spec_kept = d * seq.spec_kept + kept
+                    seq.spec_rejected = d * seq.spec_rejected + (proposed > kept)
+                if seq.status != FINISHED:
+                    if not ev.tokens:
+                        logger.error("speculative step returned no token for %r", seq)
+                        self._finish(seq, "error")
+                        events.append(TokenEvent(seq, [], "error", False, i))
+                    # Give back the positions booked for drafts that were not kept.
+                    seq.num_computed -= planned - len(ev.tokens)
+                continue
             if seq.status != FINISHED and len(ev.tokens) < planned:
                 # The device stopped a row the host would not have: the two disagree on a
                 # stop rule. Never leave it running on a slot that no longer samples.
@@ -540,6 +669,8 @@ class Scheduler:
         """Forget a step whose results will never come (its dispatch failed)."""
         for seq in itertools.chain(out.decode_seqs, out.prefill_seqs):
             seq.inflight -= 1
+        for seq in out.decode_seqs:
+            seq.spec_inflight -= out.spec_k > 0
         for seq, sample in zip(out.prefill_seqs, out.prefill_sample):
             if sample:
                 seq.num_pending -= 1
