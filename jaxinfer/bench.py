@@ -124,7 +124,24 @@ def bench_engine_config(args, batches: list[int], dp: int) -> EngineConfig:
         max_seq_len=seq, dtype=args.dtype, kernels=args.kernels, decode_steps=args.decode_steps,
         batch_buckets=tuple(per_replica), prefill_buckets=(chunk,),
         prefill_rows=tuple(per_replica), max_num_batched_tokens=per_replica[-1] * chunk,
-        unroll_layers=args.unroll_layers)
+        unroll_layers=args.unroll_layers, speculative_config=args.speculative_config)
+
+
+def bench_prompts(args, llm: LLM, batch: int, rng) -> list[np.ndarray]:
+    """`batch` prompts of --prompt-len tokens: random ids, or windows of --prompt-file."""
+    cfg = llm.core.model_cfg
+    if not args.prompt_file:
+        return [rng.integers(0, cfg.vocab_size, args.prompt_len).astype(np.int32)
+                for _ in range(batch)]
+    if llm.tokenizer is None:
+        raise ConfigError(f"--prompt-file needs a tokenizer; {args.model} has none")
+    ids = np.asarray(llm.tokenizer.encode(Path(args.prompt_file).read_text()), np.int32)
+    # Windows a generation apart, so a prompt's continuation is real text of the file.
+    stride = args.prompt_len + args.gen_len
+    if len(ids) < batch * stride:
+        raise ConfigError(f"--prompt-file has {len(ids)} tokens; batch {batch} needs "
+                          f"{batch * stride}")
+    return [ids[i * stride: i * stride + args.prompt_len] for i in range(batch)]
 
 
 def _emit(rows: list[dict], row: dict) -> None:
@@ -170,7 +187,8 @@ def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
                 mesh=str(spec), kernels=engine.resolved_kernels(jax.default_backend()),
                 unroll_layers=engine.layer_unroll, decode_steps=args.decode_steps,
                 prompt_len=args.prompt_len, gen_len=args.gen_len, device=device_name(),
-                num_devices=spec.size, jax_version=jax.__version__, git_sha=git_sha())
+                num_devices=spec.size, jax_version=jax.__version__, git_sha=git_sha(),
+                speculative=args.speculative_config, prompts=args.prompt_file or "random")
     for b in batch_sizes:
         if b % spec.dp:
             _skip(rows, base, f"batch {b} is not a multiple of dp={spec.dp}", batch=b)
@@ -185,15 +203,16 @@ def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
     rng = np.random.default_rng(0)
     try:
         for b in runnable:
-            prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).astype(np.int32)
-                       for _ in range(b)]
+            prompts = bench_prompts(args, llm, b, rng)
             c0 = llm.compile_seconds
             t0 = time.perf_counter()
             run_once(llm, prompts, args.gen_len)
             first_call = time.perf_counter() - t0
             compile_s = llm.compile_seconds - c0
             compiles_before = llm.num_compiles
+            spec0 = _spec_totals(llm)
             runs = [run_once(llm, prompts, args.gen_len) for _ in range(args.repeat)]
+            spec1 = _spec_totals(llm)
             if llm.num_compiles != compiles_before:
                 raise RuntimeError("recompiled during timed runs")
             ttft = statistics.median(r.ttft for r in runs)
@@ -213,6 +232,15 @@ def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
                 ("tok_s", b * args.gen_len / total, "tok/s"), ("hbm_gbps", gbps, "GB/s"),
                 ("state_gb_per_device", state_bytes_per_device(state) / 1e9, "GB"),
             ]
+            if spec1 is not None:
+                drafts = spec1[0] - spec0[0]
+                proposed, kept = spec1[1] - spec0[1], spec1[2] - spec0[2]
+                metrics += [("spec_acceptance_rate", kept / max(proposed, 1), "fraction"),
+                            ("spec_mean_accepted_len", kept / max(drafts, 1), "tokens"),
+                            ("spec_draft_tokens", proposed, "tokens")]
+                per_pos = [a - b0 for a, b0 in zip(spec1[3], spec0[3])]
+                metrics += [(f"spec_accepted_pos{i}", v / max(drafts, 1), "fraction")
+                            for i, v in enumerate(per_pos)]
             used = hbm_in_use([d for c in llm.cores for d in c.runner.mesh.local_devices])
             if used is not None:
                 metrics.append(("hbm_in_use_gb", used / 1e9, "GB"))
@@ -232,6 +260,16 @@ def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
         del llm
         jax.clear_caches()
         gc.collect()
+
+
+def _spec_totals(llm: LLM) -> tuple | None:
+    """(drafts, draft tokens, accepted, accepted per position) summed over the cores."""
+    if llm.core.spec is None:
+        return None
+    cs = [c.spec_counts for c in llm.cores]
+    per = [sum(c["accepted_per_pos"][i] for c in cs) for i in range(len(cs[0]["accepted_per_pos"]))]
+    return (sum(c["num_drafts"] for c in cs), sum(c["num_draft_tokens"] for c in cs),
+            sum(c["num_accepted_tokens"] for c in cs), per)
 
 
 def bench_generate(args, batch_sizes: list[int]) -> list[dict]:
@@ -355,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps,
                    help="decode tokens per decode-only dispatch (default: the engine's, "
                    "%(default)s, as served)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding (as generate's); rows add acceptance")
+    p.add_argument("--prompt-file", default=None, metavar="TEXT",
+                   help="prompts: consecutive --prompt-len token windows of this text file "
+                        "(the model's tokenizer), instead of random tokens")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--unroll-layers", type=int, default=None, metavar="N",
                    help="layers per iteration of the layer loop (>= the layer count: fully "

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps,
                    help="decode tokens per dispatch (default %(default)s)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s keys: {"method": "draft_model", '
+                        '"model": DIR, "num_speculative_tokens": K}, {"method": "ngram", '
+                        '"num_speculative_tokens": K, "prompt_lookup_min": 1, '
+                        '"prompt_lookup_max": 4}, "layer_skip" (num_layers) or '
+                        '"package.module:factory"; "adaptive": true picks k per step '
+                        '(docs/decoding.md)')
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     multihost.add_distributed_args(p)
@@ -154,7 +161,7 @@ def _engine_config(args, dtype: str, cfg, prompts: list[list[int]], dp: int) -> 
         max_seq_len=max_len, dtype=dtype, kernels=args.kernels, decode_steps=args.decode_steps,
         batch_buckets=(batch,), prefill_buckets=(chunk,), prefill_rows=(batch,),
         max_num_batched_tokens=batch * chunk, max_logprobs=max(args.logprobs, 0),
-        max_n=max(args.n, 1))
+        max_n=max(args.n, 1), speculative_config=args.speculative_config)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import typing
 from collections.abc import Sequence
 
 from jaxinfer.config import DEFAULT_MODEL, EngineConfig, ServeConfig
-from jaxinfer.errors import JaxinferError
+from jaxinfer.errors import ConfigError, JaxinferError
 from sharding import multihost
 
 logger = logging.getLogger("serve")
@@ -276,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args, default_dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
             if jax.process_count() > 1:
                 from serve.multihost import StepChannel, step_address
+
+                if engine_cfg.speculative_config:
+                    raise ConfigError("--speculative-config is not supported in multi-host "
+                                      "serving (the followers replay plain steps only)")
 
                 address = step_address(dist.coordinator, args.step_port)
                 if jax.process_index() != 0:

@@ -522,6 +522,12 @@ class EngineClient:
                                     prompt_tokens=int(stats["prefix_lookup_tokens"]))
             if stats["preemptions"]:
                 m.add_preemptions(int(stats["preemptions"]))
+            if stats.get("spec_num_draft_tokens"):
+                m.add_spec_decode(
+                    drafts=int(stats["spec_num_drafts"]),
+                    draft_tokens=int(stats["spec_num_draft_tokens"]),
+                    accepted=int(stats["spec_num_accepted_tokens"]),
+                    accepted_per_pos=[int(stats[f"spec_accepted_pos_{i}"]) for i in range(7)])
             if new_recompiles > 0:
                 m.add_recompiles(new_recompiles)
             live = [r.stats for r in self._replicas if r.stats]

@@ -91,6 +91,17 @@ class PrometheusMetrics:
                                   registry=r)
         self.requests = Counter("jaxinfer_requests", "Finished gRPC calls.",
                                 ("method", "code"), registry=r)
+        # vLLM's speculative-decoding counters.
+        self.spec_drafts = Counter("jaxinfer_spec_decode_num_drafts",
+                                   "Speculative steps of a sequence that proposed drafts.",
+                                   registry=r)
+        self.spec_draft_tokens = Counter("jaxinfer_spec_decode_num_draft_tokens",
+                                         "Draft tokens proposed.", registry=r)
+        self.spec_accepted = Counter("jaxinfer_spec_decode_num_accepted_tokens",
+                                     "Draft tokens the verifier kept.", registry=r)
+        self.spec_accepted_pos = Counter("jaxinfer_spec_decode_num_accepted_tokens_per_pos",
+                                         "Draft tokens kept at each draft position.",
+                                         ("position",), registry=r)
         self._lock = threading.Lock()
         self._hit = 0
         self._queried = 0
@@ -133,6 +144,15 @@ class PrometheusMetrics:
 
     def add_recompiles(self, n: int) -> None:
         self.recompiles.inc(n)
+
+    def add_spec_decode(self, *, drafts: int, draft_tokens: int, accepted: int,
+                        accepted_per_pos: list[int]) -> None:
+        self.spec_drafts.inc(drafts)
+        self.spec_draft_tokens.inc(draft_tokens)
+        self.spec_accepted.inc(accepted)
+        for i, n in enumerate(accepted_per_pos):
+            if n:
+                self.spec_accepted_pos.labels(position=str(i)).inc(n)
 
     # -- gRPC layer ----------------------------------------------------------------------
 

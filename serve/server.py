@@ -318,7 +318,11 @@ class Server:
         """start -> warm_up -> wait for `shutdown` -> drain. True when the drain was clean."""
         if self._grpc is None:
             await self.start()
-        await self.warm_up(progress=progress)
+        try:
+            await self.warm_up(progress=progress)
+        except BaseException:  # a core that cannot start: stop listening before the loop ends
+            await self.stop()
+            raise
         await shutdown.wait()
         return await self.drain()
 
