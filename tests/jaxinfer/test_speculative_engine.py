@@ -1,0 +1,176 @@
+"""Speculative decoding in the engine, on the trained models of ../shared/models (target
+stories260K, draft llama2xs-281K: one tok512 vocabulary): greedy output with speculation equals
+greedy output without it, token for token, for every proposer; a self-draft keeps every draft;
+stops, max_tokens, penalties, logprobs, seeds and preemption stay exact; adaptive tiers never
+recompile."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.llm import LLM
+from jaxinfer.engine.request import SamplingOptions
+from jaxinfer.model_loader import load_model
+from sharding.mesh import make_mesh
+
+MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
+TARGET, DRAFT = MODELS / "stories260K-hf", MODELS / "llama2xs-281K-hf"
+PROMPTS = ["Once upon a time, there was a little girl", "The cat sat on the mat. The cat",
+           "Tom and Sue went to the park", "One day"]
+MAX_TOKENS = [37, 40, 29, 33]
+
+pytestmark = pytest.mark.skipif(not (TARGET / "config.json").exists()
+                                or not (DRAFT / "config.json").exists(),
+                                reason=f"{MODELS} not present")
+
+
+def _llm(spec: str | None, *, num_pages: int = 64, model: str = str(TARGET)) -> LLM:
+    mesh = make_mesh("dp=1", devices=jax.devices()[:1])
+    loaded = load_model(model, mesh=mesh, dtype="float32")
+    engine = EngineConfig(page_size=16, num_pages=num_pages, max_seq_len=128, dtype="float32",
+                          prefill_buckets=(16,), prefill_rows=(4,), batch_buckets=(4,),
+                          max_num_batched_tokens=64, decode_steps=1, max_logprobs=2,
+                          speculative_config=spec)
+    llm = LLM.from_loaded(loaded, engine, mesh=mesh)
+    llm.core.warmup(max_workers=4)
+    return llm
+
+
+def _requests(llm: LLM, stop_ids=(), **kw):
+    tok = llm.tokenizer
+    out = []
+    for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS)):
+        extra = dict(kw)
+        if i == 1:  # penalties and logprobs ride the full verifier (greedy rows)
+            extra.update(sampling=SamplingOptions(repetition_penalty=1.3), logprobs=2)
+        out.append(llm.request(tok.encode(p), max_tokens=n,
+                               stop_token_ids=stop_ids if i == 2 else (), **extra))
+    return out
+
+
+def _tokens(results):
+    return [[s.token_ids for s in r] for r in results]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    llm = _llm(None)
+    first = llm.generate(_requests(llm))
+    # A stop id that greedy reaches mid-output in prompt 2 (inside an accepted run, if any).
+    stop = first[2][0].token_ids[len(first[2][0].token_ids) // 2]
+    return llm, first, stop, llm.generate(_requests(llm, stop_ids=(stop,)))
+
+
+# (ngram runs in the adaptive test below)
+PROPOSERS = {
+    "draft_model": f'{{"method": "draft_model", "model": "{DRAFT}", '
+                   '"num_speculative_tokens": 3}',
+    "layer_skip": '{"method": "layer_skip", "num_layers": 2, "num_speculative_tokens": 2}',
+}
+
+
+@pytest.fixture(scope="module")
+def draft_llm():
+    return _llm(PROPOSERS["draft_model"])
+
+
+@pytest.mark.parametrize("name", sorted(PROPOSERS))
+def test_greedy_with_speculation_equals_greedy_without(plain, draft_llm, name):
+    _, base, stop, base_stop = plain
+    llm = draft_llm if name == "draft_model" else _llm(PROPOSERS[name])
+    got = llm.generate(_requests(llm))
+    assert _tokens(got) == _tokens(base)
+    assert [r[0].finish_reason for r in got] == [r[0].finish_reason for r in base]
+    lp_base = [(t.token_id, t.logprob) for t in base[1][0].logprobs]
+    lp_got = [(t.token_id, t.logprob) for t in got[1][0].logprobs]
+    assert [t for t, _ in lp_got] == [t for t, _ in lp_base]
+    np.testing.assert_allclose([v for _, v in lp_got], [v for _, v in lp_base], atol=1e-4)
+    if name == "draft_model":  # a stop id inside an accepted run (one proposer: CPU time)
+        got_stop = llm.generate(_requests(llm, stop_ids=(stop,)))
+        assert _tokens(got_stop) == _tokens(base_stop)
+        assert got_stop[2][0].finish_reason == "stop"
+    counts = llm.core.spec_counts
+    assert counts["num_draft_tokens"] > 0
+    assert 0 < counts["num_accepted_tokens"] <= counts["num_draft_tokens"]
+    spec = got[0][0].speculative
+    assert spec is not None and spec["num_draft_tokens"] >= spec["num_accepted_tokens"]
+    assert llm.core.scheduler.kv.num_used == 0
+
+
+def test_self_draft_keeps_every_draft(plain):
+    _, base, _, _ = plain
+    llm = _llm(f'{{"method": "draft_model", "model": "{TARGET}", "num_speculative_tokens": 4}}')
+    got = llm.generate(_requests(llm)[::2])  # no penalties: the draft proposes without them
+    assert _tokens(got) == _tokens(base[::2])
+    c = llm.core.spec_counts
+    assert c["num_draft_tokens"] > 0 and c["num_accepted_tokens"] == c["num_draft_tokens"]
+    # Every step kept its first draft; near max_tokens a row drafts fewer than 4.
+    assert c["accepted_per_pos"][0] == c["num_drafts"]
+    assert sum(c["accepted_per_pos"]) == c["num_accepted_tokens"]
+
+
+def test_preemption_during_speculation_stays_exact(plain):
+    _, base, _, _ = plain
+    # 10 pages of 16 tokens for four sequences of up to ~50: some must be recomputed.
+    llm = _llm(PROPOSERS["draft_model"], num_pages=10)
+    got = llm.generate(_requests(llm))
+    assert llm.core.scheduler.num_preemptions > 0
+    assert _tokens(got) == _tokens(base)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(draft_llm):
+    llm = draft_llm
+    tok = llm.tokenizer
+    s = SamplingOptions(temperature=0.9, top_p=0.95, seed=7)
+    req = lambda: llm.request(tok.encode(PROMPTS[0]), max_tokens=30, sampling=s)  # noqa: E731
+    alone = llm.generate([req()])[0][0].token_ids
+    mates = [llm.request(tok.encode(p), max_tokens=30,
+                         sampling=SamplingOptions(temperature=1.0, seed=i))
+             for i, p in enumerate(PROMPTS[1:])]
+    together = llm.generate([*mates, req()])[-1][0].token_ids
+    assert alone == together
+    assert llm.generate([req()])[0][0].token_ids == alone
+    assert llm.core.spec_counts["num_accepted_tokens"] > 0
+
+
+def test_adaptive_tiers_switch_depth_without_recompiling(plain):
+    _, base, _, _ = plain
+    llm = _llm('{"method": "ngram", "num_speculative_tokens": 3, "adaptive": true, '
+               '"tiers": [0, 1, 3]}')
+    # Costs that make the choice depend on each row's acceptance (plain: 1 token for 0.5;
+    # k = 1 is 1.5 expected tokens for 0.7 at the prior, k = 3 wins once drafts are kept,
+    # plain once they are not).
+    llm.core.scheduler.spec.costs = {(0, 4): 0.5, (1, 4): 0.7, (3, 4): 0.9}
+    chosen = []
+    step = llm.core.step
+
+    def counting_step():
+        outs, stats = step()
+        chosen.append(stats.num_steps)
+        return outs, stats
+
+    llm.core.step = counting_step
+    compiles = llm.num_compiles
+    got = llm.generate(_requests(llm))
+    assert llm.num_compiles == compiles
+    assert llm.core.num_recompiles == 0
+    assert _tokens(got) == _tokens(base)
+    assert len(set(chosen) - {0}) >= 2  # more than one depth (1 + k tokens) was chosen
+    assert llm.core.spec_counts["num_accepted_tokens"] > 0  # the n-gram drafts were used
+
+
+def test_docs_plugin_runs_through_the_research_api(monkeypatch):
+    """docs/examples/period_proposer.py, named as package.module:factory, in the engine, on
+    the bundled demo model (whose greedy loops it drafts)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "docs" / "examples"))
+    outs = []
+    for spec in (None, '{"method": "period_proposer:make", "num_speculative_tokens": 3}'):
+        llm = _llm(spec, model="demo")
+        prompts = ["def fibonacci(n):", "class Stack:", "import os", "    for i in range("]
+        outs.append(_tokens(llm.generate([llm.request(llm.tokenizer.encode(p), max_tokens=60)
+                                          for p in prompts])))
+    assert outs[0] == outs[1]
+    assert llm.core.spec_counts["num_accepted_tokens"] > 0
