@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_campaign.sh serving   # cold/warm start, saturation, 50%/90% load
 #   bash benchmarks/gpu_campaign.sh decode_steps_sweep   # served throughput/latency vs DS_SWEEP
 #   bash benchmarks/gpu_campaign.sh train_models   # the demo, draft and target models
+#   bash benchmarks/gpu_campaign.sh spec_pair       # speculative decoding on the trained pair
+#   bash benchmarks/gpu_campaign.sh spec_synthetic  # speed vs acceptance (1B shape), n-gram on demo
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
 #   bash benchmarks/gpu_campaign.sh serving_dp   # served throughput, dp=1 vs dp=2 (2 GPUs)
 #   bash benchmarks/gpu_campaign.sh serving_multihost   # tp=2: one process vs two (2 GPUs)
@@ -264,5 +266,53 @@ for line in open(sys.argv[1]):
 EOF
 }
 
-for what in "$@"; do "$what"; done
 step done
+
+# spec_pair: train the draft and target (as train_models, the demo's tokenizer from .corpus/tok),
+# then tok/s of the target with and without speculation on validation prompts (.corpus/val.txt:
+# the validation split's files, written on the dev machine; carry .corpus). Writes
+# spec_pair.jsonl (bench rows) and spec_pair_train.jsonl.
+spec_pair() {
+  local work=${TRAIN_WORK:-/tmp/spec_pair} corpus=() t0
+  local stdlib=${STDLIB:-.corpus/stdlib.tar.gz}
+  [ -e "$stdlib" ] && corpus=(--stdlib "$stdlib")
+  mkdir -p "$work"
+  for spec in "draft ${T_DRAFT:-60}" "target ${T_TARGET:-180}"; do
+    read -r name budget <<<"$spec"
+    step "train $name (budget ${budget}s)"
+    t0=$(date +%s)
+    timeout $((budget + 75)) $PY benchmarks/train_models.py --preset "$name" --out "$work/$name" \
+      --tokenizer .corpus/tok --time-budget "$budget" "${corpus[@]}" \
+      >>"$OUT/spec_pair_train.jsonl" 2>>"$OUT/spec_pair.err"
+    _train_timing "$name" $? "$t0" >>"$OUT/spec_pair_train.jsonl"
+  done
+  local common=(--model "$work/target" --batch ${SPEC_BATCH:-1,8,32,64} --prompt-len 128
+                --gen-len 128 --repeat 2 --prompt-file .corpus/val.txt)
+  local draft="{\"method\": \"draft_model\", \"model\": \"$work/draft\", \"num_speculative_tokens\": 3"
+  for cfg in "" "$draft}" "$draft, \"adaptive\": true}" \
+             '{"method": "ngram", "num_speculative_tokens": 3}'; do
+    step "bench target ${cfg:-plain}"
+    timeout 150 $PY -m jaxinfer.bench "${common[@]}" ${cfg:+--speculative-config "$cfg"} \
+      >>"$OUT/spec_pair.jsonl" 2>>"$OUT/spec_pair.err"
+  done
+}
+
+# spec_synthetic: the speed of speculative steps against acceptance on the 1B shape (the
+# bench-only synthetic proposer), and n-gram lookup on the bundled demo model's validation
+# prompts. Writes spec_synthetic.jsonl.
+spec_synthetic() {
+  local common=(--model "$MODEL" --batch ${SPEC_BATCH:-1,8,32,64} --prompt-len 128 --gen-len 128
+                --repeat 2)
+  step "bench 1B plain"
+  timeout 120 $PY -m jaxinfer.bench "${common[@]}" >>"$OUT/spec_synthetic.jsonl" 2>>"$OUT/spec.err"
+  for k in ${SPEC_KS:-1 3 7}; do
+    for a in ${SPEC_RATES:-0.8}; do
+      step "bench 1B synthetic k=$k acceptance=$a"
+      timeout 120 $PY -m jaxinfer.bench "${common[@]}" --speculative-config \
+        "{\"method\": \"synthetic\", \"num_speculative_tokens\": $k, \"acceptance_rate\": $a}" \
+        >>"$OUT/spec_synthetic.jsonl" 2>>"$OUT/spec.err"
+    done
+  done
+}
+
+for what in "$@"; do "$what"; done
