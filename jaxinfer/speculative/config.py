@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 from jaxinfer.errors import ConfigError
@@ -117,15 +116,11 @@ def parse_speculative_config(text: str | dict | None) -> SpeculativeConfig | Non
 
 def _check(cfg: SpeculativeConfig) -> None:
     if cfg.method == "draft_model":
-        if not cfg.model:
+        if not cfg.model or not isinstance(cfg.model, str):
             raise ConfigError('--speculative-config: method "draft_model" needs "model" (the '
                               "draft's directory)")
-        from jaxinfer.config import BUNDLED_MODELS, PRESETS
-
-        if cfg.model not in PRESETS and cfg.model not in BUNDLED_MODELS \
-                and not Path(cfg.model).is_dir():
-            raise ConfigError(f"--speculative-config: draft model {cfg.model!r} is not a "
-                              "directory, a bundled model or a preset")
+        # Whether it exists is checked where it loads (draft_model.make): the model names
+        # live in jaxinfer.config, which imports this module.
     elif cfg.model is not None and not cfg.is_plugin:
         raise ConfigError(f'--speculative-config: "model" is for method draft_model, not '
                           f"{cfg.method!r}")

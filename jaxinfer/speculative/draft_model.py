@@ -132,12 +132,17 @@ class DraftModelProposer(Proposer):
 
 
 def make(spec: SpeculativeConfig, target: TargetInfo) -> DraftModelProposer:
+    from jaxinfer.config import model_source
+    from jaxinfer.errors import ConfigError
     from jaxinfer.model_loader import load_model
 
+    try:
+        model_source(spec.model)
+    except ConfigError:
+        raise ConfigError(f"--speculative-config: draft model {spec.model!r} is not a "
+                          "directory, a bundled model or a preset") from None
     loaded = load_model(spec.model, mesh=target.mesh, dtype=target.dtype)
     if loaded.cfg.vocab_size != target.model_cfg.vocab_size:
-        from jaxinfer.errors import ConfigError
-
         raise ConfigError(f"--speculative-config: the draft {spec.model!r} has a vocabulary of "
                           f"{loaded.cfg.vocab_size} tokens, the target {target.model_cfg.vocab_size}")
     if loaded.cfg.context_limit < target.engine_cfg.max_seq_len:
