@@ -111,7 +111,9 @@ class Proposer:
 
     def propose(self, params: Any, state: Any, inputs: ProposeInputs, k: int
                 ) -> tuple[Any, Proposal]:
-        raise NotImplementedError
+        """Up to k drafts per row: (new state, Proposal). The one method every proposer must
+        define (the base class has nothing to propose, so calling it here is an error)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define propose()")
 
     def commit(self, params: Any, state: Any, inputs: ProposeInputs, accepted: jax.Array,
                k: int) -> Any:

@@ -103,6 +103,15 @@ def _draft_probs_at(proposal: Proposal, idx: jax.Array, vocab: int) -> jax.Array
     return jnp.take_along_axis(proposal.probs, i[:, None, None], axis=1)[:, 0]
 
 
+def _accept_uniforms(keys: jax.Array, positions: jax.Array, k: int) -> jax.Array:
+    """[B, k] uniforms in [0, 1): the accept decision about draft i of each row, keyed by the
+    row's seed and the draft's position (positions [B] is the first draft's)."""
+    b = keys.shape[0]
+    pos = (positions[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]).reshape(-1)
+    keyed = fold(jnp.repeat(keys, k, axis=0), pos, ACCEPT_SALT)
+    return jax.vmap(lambda kk: jax.random.uniform(kk, ()))(keyed).reshape(b, k)
+
+
 def _draw(keys: jax.Array, dist: jax.Array) -> jax.Array:
     """One token per row from unnormalized probabilities [B, V] with typed keys [B]."""
     logp = jnp.where(dist > 0, jnp.log(jnp.maximum(dist, 1e-30)), -jnp.inf)
@@ -122,10 +131,7 @@ def rejection_verify(probs: jax.Array, proposal: Proposal, keys: jax.Array,
         q_d = jnp.ones_like(p_d)
     else:
         q_d = jnp.take_along_axis(proposal.probs, d[:, :, None], axis=2)[:, :, 0]
-    j = jnp.arange(k, dtype=jnp.int32)
-    u = jax.vmap(lambda kk: jax.random.uniform(kk, ()))(
-        fold(jnp.repeat(keys, k, axis=0), (positions[:, None] + j[None, :]).reshape(-1),
-             ACCEPT_SALT)).reshape(b, k)
+    u = _accept_uniforms(keys, positions, k)
     a = _kept((u * q_d < p_d) & _valid(proposal))
     p_a = jnp.take_along_axis(probs, a[:, None, None], axis=1)[:, 0]  # [B, V]
     rejected = a < proposal.num_tokens
@@ -158,10 +164,7 @@ def synthetic_verify(scored: jax.Array, proposal: Proposal, keys: jax.Array,
     each row (row j's argmax for token j), so the step costs what a real one does."""
     b, k1, v = scored.shape
     k = k1 - 1
-    j = jnp.arange(k, dtype=jnp.int32)
-    u = jax.vmap(lambda kk: jax.random.uniform(kk, ()))(
-        fold(jnp.repeat(keys, k, axis=0), (positions[:, None] + j[None, :]).reshape(-1),
-             ACCEPT_SALT)).reshape(b, k)
+    u = _accept_uniforms(keys, positions, k)
     a = _kept((u < rate) & _valid(proposal))
     target = greedy_tokens(scored.reshape(b * k1, v)).reshape(b, k1)
     jj = jnp.arange(k1)[None, :]
