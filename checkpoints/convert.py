@@ -1,6 +1,7 @@
 """`python -m checkpoints.convert`: a Hugging Face directory -> a jaxinfer checkpoint directory.
 
-    python -m checkpoints.convert --hf-dir DIR --out DIR [--dtype bfloat16|float16|float32]
+    python -m checkpoints.convert --hf-dir DIR|ORG/NAME [--revision REV] --out DIR
+        [--dtype bfloat16|float16|float32]
         [--quant none|int8|int8-g64|int8-g128|fp8] [--allow-pickle] [--overwrite] [-v]
 
 Writes orbax params, `jaxinfer_config.json`, `jaxinfer_checkpoint.json` and copies the
@@ -34,6 +35,7 @@ from checkpoints.quantize import layout as quant_layout
 from checkpoints.quantize import quantize_host, stored_shapes
 from checkpoints.safetensors_io import open_weights
 from jaxinfer.errors import CheckpointError, JaxinferError
+from jaxinfer.hf_cache import cached_snapshot, is_repo_id
 from jaxinfer.quant import QUANT_MODES, parse_quant
 
 logger = logging.getLogger(__name__)
@@ -58,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=f"python -m {PROG}",
                 description="Convert a Hugging Face Llama/Mistral/Qwen2 directory to jaxinfer's "
                             "orbax checkpoint format.")
-    p.add_argument("--hf-dir", required=True, type=Path, help="Hugging Face model directory")
+    p.add_argument("--hf-dir", required=True,
+                   help="Hugging Face model directory, or a model id (ORG/NAME) in the local "
+                        "Hugging Face cache (nothing is downloaded)")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of an ORG/NAME --hf-dir (default main)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--dtype", default="bfloat16", choices=list(PARAM_DTYPES),
                    help="parameter dtype to store (default: bfloat16)")
@@ -71,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into a non-empty --out, replacing a previous conversion")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return p
+
+
+def resolve_hf_dir(hf_dir: str | Path, revision: str | None = None) -> Path:
+    """`--hf-dir` as a directory: a local one as given (checked later), an ORG/NAME id that is
+    no local directory as its snapshot in the Hugging Face cache (`jaxinfer.hf_cache`, as for
+    every --model)."""
+    if Path(hf_dir).is_dir() or not is_repo_id(str(hf_dir)):
+        return Path(hf_dir)
+    return cached_snapshot(str(hf_dir), revision)
 
 
 def _check_dirs(hf_dir: Path, out: Path, *, overwrite: bool) -> None:
@@ -162,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("checkpoints", "jaxinfer"):
             logging.getLogger(name).setLevel(logging.INFO)
     try:
-        summary = convert(args.hf_dir, args.out, dtype=args.dtype, quant=args.quant,
+        summary = convert(resolve_hf_dir(args.hf_dir, args.revision), args.out, dtype=args.dtype, quant=args.quant,
                           allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     except (JaxinferError, OSError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)

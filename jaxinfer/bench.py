@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.config import EngineConfig, ModelConfig, resolve_model
 from jaxinfer.engine.llm import LLM
 from jaxinfer.errors import ConfigError, JaxinferError
 from jaxinfer.model_loader import load_model_config
@@ -372,7 +372,11 @@ def print_table(rows: list[dict]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxinfer.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="dummy", help="random-weight preset, bundled model (demo) or model directory")
+    p.add_argument("--model", default="dummy", help="random-weight preset, bundled model (demo), "
+                   "model directory or Hugging Face id (ORG/NAME, from the local cache)")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of an ORG/NAME --model in the Hugging Face cache "
+                   "(default main)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=256)
@@ -434,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         multihost.initialize_from_args(args)  # before anything touches a device
+        args.model = resolve_model(args.model, args.revision)  # an HF id -> its snapshot dir
         rows = bench_generate(args, batch_sizes)
     except JaxinferError as e:
         print(f"jaxinfer.bench: error: {e}", file=sys.stderr)

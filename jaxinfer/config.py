@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from jaxinfer.errors import ConfigError
+from jaxinfer.hf_cache import cached_snapshot, is_repo_id
 
 Family = Literal["llama", "mistral", "qwen2"]
 RopeType = Literal["default", "linear", "dynamic", "llama3"]
@@ -363,18 +364,31 @@ BUNDLED_MODELS: dict[str, Path] = {"demo": Path(__file__).parent / "models" / "d
 DEFAULT_MODEL = "demo"
 
 
-def model_source(model: str) -> ModelConfig | Path:
-    """A `--model` value: a random preset's config, or the directory to load (a bundled model's
-    or the path given). One error for anything else."""
+def model_source(model: str, revision: str | None = None) -> ModelConfig | Path:
+    """A `--model` value: a random preset's config, or the directory to load. The one place a
+    --model string is resolved, in this order: a preset, a bundled model, a local directory,
+    then a Hub id (`ORG/NAME`, at `revision`, default main) in the local Hugging Face cache
+    (`jaxinfer.hf_cache`; nothing is downloaded). One error for anything else."""
     if model in PRESETS:
         return PRESETS[model]
     path = BUNDLED_MODELS.get(model, Path(model))
-    if not path.is_dir():
-        raise ConfigError(
-            f"--model {model!r} is neither a directory, a bundled model "
-            f"({', '.join(sorted(BUNDLED_MODELS))}) nor a random-weight preset "
-            f"({', '.join(sorted(PRESETS))})")
-    return path
+    if path.is_dir():
+        return path
+    if is_repo_id(model):
+        return cached_snapshot(model, revision)
+    raise ConfigError(
+        f"--model {model!r} is neither a directory, a bundled model "
+        f"({', '.join(sorted(BUNDLED_MODELS))}), a random-weight preset "
+        f"({', '.join(sorted(PRESETS))}) nor a Hugging Face id (ORG/NAME)")
+
+
+def resolve_model(model: str, revision: str | None = None) -> str:
+    """`model` as every later step should see it: a Hub id becomes its snapshot directory (so
+    --revision is applied once, at the command line); anything else is returned unchanged."""
+    source = model_source(model, revision)
+    if isinstance(source, ModelConfig) or source in (BUNDLED_MODELS.get(model), Path(model)):
+        return model
+    return str(source)
 
 
 def preset(name: str) -> ModelConfig:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxinfer.config import DEFAULT_MODEL, EngineConfig
+from jaxinfer.config import DEFAULT_MODEL, EngineConfig, resolve_model
 from jaxinfer.engine.llm import LLM
 from jaxinfer.engine.request import SamplingOptions
 from jaxinfer.errors import JaxinferError, RequestError
@@ -34,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxinfer.generate",
                                 description="Generate text with a Llama-family model.")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="HF or converted directory, a bundled model (demo: the default) or a "
-                   "random-weight preset (dummy, llama-3.2-1b-shape, ...)")
+                   help="HF or converted directory, a Hugging Face id (ORG/NAME, from the local "
+                   "cache), a bundled model (demo: the default) or a random-weight preset "
+                   "(dummy, llama-3.2-1b-shape, ...)")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of an ORG/NAME --model in the Hugging Face cache "
+                   "(default main)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append",
@@ -99,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         multihost.initialize_from_args(args)  # before anything touches a device
+        args.model = resolve_model(args.model, args.revision)  # an HF id -> its snapshot dir
         if args.n < 1:
             raise RequestError(f"--n must be >= 1, got {args.n}")
         if args.max_new_tokens < 1:

@@ -23,7 +23,7 @@ import types
 import typing
 from collections.abc import Sequence
 
-from jaxinfer.config import DEFAULT_MODEL, EngineConfig, ServeConfig
+from jaxinfer.config import DEFAULT_MODEL, EngineConfig, ServeConfig, resolve_model
 from jaxinfer.errors import ConfigError, JaxinferError
 from sharding import multihost
 
@@ -71,9 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Serve a Llama-family model over gRPC "
                                 "(jaxinfer.v1, JetStream-compatible, health, reflection).")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="HF or converted directory, a bundled model (demo: the default, trained "
+                   help="HF or converted directory, a Hugging Face id (ORG/NAME, from the local "
+                   "cache; nothing is downloaded), a bundled model (demo: the default, trained "
                    "on the Python stdlib) or a random-weight preset (dummy, llama-3.2-1b-shape, "
                    "...)")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of an ORG/NAME --model in the Hugging Face cache "
+                   "(default main)")
     p.add_argument("--host", default=ServeConfig.host, help="address to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=ServeConfig.port,
                    help="port (default %(default)s; 0 picks a free one)")
@@ -251,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics_http = None
     fatal: list[str] = []
     try:
+        # An HF id becomes its snapshot directory here, once, for every process after this;
+        # `model_name` keeps what the user typed (for names shown to clients).
+        args.model_name = args.model
+        args.model = resolve_model(args.model, args.revision)
         serve_cfg = ServeConfig(host=args.host, port=args.port, max_queue=args.max_queue,
                                 metrics_port=args.metrics_port, tls_cert=args.tls_cert,
                                 tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
