@@ -4,8 +4,9 @@
         [--dtype bfloat16|float16|float32]
         [--quant none|int8|int8-g64|int8-g128|fp8] [--allow-pickle] [--overwrite] [-v]
 
-Writes orbax params, `jaxinfer_config.json`, `jaxinfer_checkpoint.json` and copies the
-tokenizer files. `--quant` quantizes the weights offline (`jaxinfer/quant.py`: int8 per output
+Writes the params as safetensors in jaxinfer's own layout (`params/`, one tensor per layer of
+each stacked weight, streamed: see `convert`), `jaxinfer_config.json`,
+`jaxinfer_checkpoint.json`, and copies the tokenizer files. `--quant` quantizes the weights offline (`jaxinfer/quant.py`: int8 per output
 channel, int8 with groups of 64/128 along the contraction dim, or fp8 e4m3 per channel), from
 float32 copies of the HF tensors; everything else is stored in `--dtype`. The mode is recorded
 in `jaxinfer_checkpoint.json`, and `jaxinfer.generate --model OUT` loads it quantized.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -26,14 +28,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
+
 from checkpoints import llama
 from checkpoints.dtypes import PARAM_DTYPES, dtype_name, to_numpy_dtype
 from checkpoints.hf_config import model_config_from_hf
 from checkpoints.orbax_io import (CHECKPOINT_FILE, CONFIG_FILE, PARAMS_DIR, CheckpointInfo,
-                                  save_params, to_host_array, write_checkpoint_info)
+                                  write_checkpoint_info)
 from checkpoints.quantize import layout as quant_layout
-from checkpoints.quantize import quantize_host, stored_shapes
+from checkpoints.quantize import quantize_host, stored_shapes, stored_table
 from checkpoints.safetensors_io import open_weights
+from checkpoints.safetensors_write import StreamWriter
 from jaxinfer.errors import CheckpointError, JaxinferError
 from jaxinfer.hf_cache import cached_snapshot, is_repo_id
 from jaxinfer.quant import QUANT_MODES, parse_quant
@@ -112,13 +117,37 @@ def _clear_previous(out: Path) -> None:
         shutil.rmtree(out / PARAMS_DIR)
 
 
+def _slabs(m: llama.TensorMap, itemsize: int, chunk_bytes: int):
+    """Index tuples that cover one tensor of `m` (its per-layer shape) in pieces of at most
+    about `chunk_bytes`, cut along the axis that Hugging Face's row axis becomes, so each piece
+    is one contiguous row range of the HF tensor."""
+    whole = tuple(slice(0, n) for n in m.shape)
+    if not m.shape or math.prod(m.shape) * itemsize <= chunk_bytes:
+        yield whole
+        return
+    k = m.perm.index(0)  # our axis fed by HF axis 0's outermost factor
+    step = max(1, chunk_bytes // (math.prod(m.shape) * itemsize // m.shape[k]))
+    for a in range(0, m.shape[k], step):
+        yield (*whole[:k], slice(a, min(a + step, m.shape[k])), *whole[k + 1:])
+
+
+def chunk_bytes_for(table: list[llama.TensorMap], itemsize: int) -> int:
+    """The piece size conversion works in: an eighth of the largest tensor (so a piece and its
+    transposed copy stay well under it), between 1 MiB and 64 MiB."""
+    largest = max(math.prod(m.shape) for m in table) * itemsize
+    return min(64 << 20, max(1 << 20, largest // 8))
+
+
 def convert(hf_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
             quant: str = "none", allow_pickle: bool = False, overwrite: bool = False,
             show_progress: bool = True) -> str:
     """Convert `hf_dir` into `out`; returns the summary line.
 
-    The whole model is held in host memory once, because orbax writes the tree in one call.
-    With `quant`, each weight to quantize is read as float32 (one stacked weight at a time).
+    Streams: each Hugging Face tensor is read in row ranges of at most `chunk_bytes_for`,
+    transformed and cast, and written to its place in `out/params/*.safetensors`
+    (`StreamWriter`), so host memory holds one piece at a time, never a stacked weight or
+    the model. With `quant`, each weight to quantize is read whole, one layer at a time, as
+    float32 and quantized on the host CPU device.
     """
     from tqdm import tqdm
 
@@ -128,31 +157,45 @@ def convert(hf_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
     _check_dirs(hf_dir, out, overwrite=overwrite)
     cfg = model_config_from_hf(hf_dir)
     reader = open_weights(hf_dir, allow_pickle=allow_pickle)
-    llama.check_tensors(reader, cfg)  # before the progress bar, so errors stay one line
+    llama.check_tensors(reader, cfg)  # before anything is written, so errors stay one line
     weights = quant_layout(cfg, quant)
     quant_name = spec.name if spec else "none"
-    shapes = {"/".join(p): list(s) for p, s in stored_shapes(cfg, quant_name)[0].items()}
+    shapes, fixed = stored_shapes(cfg, quant_name)
     np_dtype = to_numpy_dtype(dtype)
-
-    params: dict = {}
-    with tqdm(total=llama.num_hf_tensors(cfg), desc="converting", unit="tensor",
-              file=sys.stderr, disable=not show_progress) as bar:
-        for path, value in llama.iter_params(reader, cfg, dtype="float32" if spec else dtype,
-                                             on_tensor=lambda _: bar.update()):
-            # Move each parameter off numpy now, so saving never holds two copies of the model.
-            if path in weights:  # quantized from float32 on the CPU device
-                b, c = weights[path]
-                q, scale = quantize_host(value, spec, batch=b, contract=c)
-                llama.set_path(params, (*path, "q"), q)
-                llama.set_path(params, (*path, "scale"), scale)
-            else:
-                llama.set_path(params, path, to_host_array(value.astype(np_dtype, copy=False)))
-            del value
+    stored = {m.path: m for m in stored_table(cfg, quant_name)}
+    tensors = [(name, fixed.get(p, np_dtype), m.hf_shape)
+               for p, m in stored.items() for name in m.hf_names()]
+    table = llama.tensor_map(cfg)
+    chunk = chunk_bytes_for(table, np_dtype.itemsize)
 
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
-    save_params(out, params)
-    write_checkpoint_info(out, CheckpointInfo(dtype=dtype, quant=quant_name, params=shapes))
+    writer = StreamWriter(out / PARAMS_DIR, tensors)
+    with tqdm(total=writer.total_bytes, desc="converting", unit="B", unit_scale=True,
+              unit_divisor=1024, file=sys.stderr, disable=not show_progress) as bar:
+        for m in table:
+            for i, hf_name in enumerate(m.hf_names()):
+                layer = [str(i)] if m.num_layers is not None else []
+                if m.path in weights:  # quantized from float32 on the CPU device
+                    b, c = weights[m.path]
+                    whole = tuple(slice(None) for _ in m.shape)
+                    value = np.asarray(llama.read_region(reader, hf_name, m, whole), np.float32)
+                    q, scale = quantize_host(value, spec, batch=b - len(layer), contract=c)
+                    for part, x in (("q", q), ("scale", scale)):
+                        x = np.asarray(x)
+                        writer.write("/".join([*m.path, part, *layer]),
+                                     tuple(slice(None) for _ in x.shape), x)
+                        bar.update(x.nbytes)
+                    continue
+                name = "/".join([*m.path, *layer])
+                for index in _slabs(m, np_dtype.itemsize, chunk):
+                    x = np.asarray(llama.read_region(reader, hf_name, m, index), np_dtype)
+                    writer.write(name, index, x)
+                    bar.update(x.nbytes)
+    writer.close()
+    write_checkpoint_info(out, CheckpointInfo(
+        dtype=dtype, quant=quant_name, params_format="safetensors",
+        params={"/".join(p): list(s) for p, s in shapes.items()}))
     copied = [name for name in COPIED_FILES if (hf_dir / name).is_file()]
     for name in copied:
         shutil.copyfile(hf_dir / name, out / name)

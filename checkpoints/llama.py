@@ -4,7 +4,11 @@ One explicit table (`tensor_map`) names, for every parameter of `jaxinfer.models
 Hugging Face tensor it comes from, that tensor's expected shape, and the transform into our
 layout. HF stores `nn.Linear` weights as [out, in]; the model wants [in, out] with the head axes
 split out ([D, N, H] for q/k/v, [N, H, D] for o), so projections are transposed and reshaped.
-Per-layer tensors are stacked on a leading `layers` axis (the model scans over it).
+Per-layer tensors are stacked on a leading `layers` axis (the model scans over it). Each
+transform is a reshape and a transpose written as data (`TensorMap.split`, `.perm`), so that
+`read_region` can produce any rectangular slice of a parameter from one row range of each HF
+tensor: the loader reads per device shard, never a whole stacked weight
+(`checkpoints/load.py`).
 
 Everything is checked against the config before any data is read, so a wrong checkpoint fails
 in seconds with the tensor's name, not after most of a conversion.
@@ -13,8 +17,8 @@ in seconds with the tensor's name, not after most of a conversion.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,45 +32,33 @@ from jaxinfer.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 ParamPath = tuple[str, ...]
-Transform = Callable[[np.ndarray], np.ndarray]
 
 # HF tensors that carry no weights of their own: RoPE tables older exports saved as buffers.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _identity(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def _transpose(x: np.ndarray) -> np.ndarray:
-    return x.T
-
-
-def _in_to_heads(x: np.ndarray, *, heads: int, head_dim: int) -> np.ndarray:
-    """q/k/v_proj.weight [heads*H, D] -> [D, heads, H]."""
-    return x.T.reshape(x.shape[1], heads, head_dim)
-
-
-def _bias_to_heads(x: np.ndarray, *, heads: int, head_dim: int) -> np.ndarray:
-    """q/k/v_proj.bias [heads*H] -> [heads, H]."""
-    return x.reshape(heads, head_dim)
-
-
-def _heads_to_out(x: np.ndarray, *, heads: int, head_dim: int) -> np.ndarray:
-    """o_proj.weight [D, N*H] -> [N, H, D]."""
-    return x.T.reshape(heads, head_dim, x.shape[0])
-
-
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-    """One parameter and the Hugging Face tensor(s) it is built from."""
+    """One parameter and the Hugging Face tensor(s) it is built from.
+
+    The transform from an HF tensor to the parameter (per layer) is a reshape then a transpose:
+    HF axis j is split into the factors `split[j]` (outermost first), and the split axes are
+    permuted by `perm` (parameter axis k is split axis `perm[k]`, as `np.transpose`). Written
+    as data rather than as a function so that any rectangular slice of the parameter maps back
+    to one row range of the HF tensor plus in-memory slicing (`read_region`): a process reads
+    only the parts of each tensor its devices hold.
+    """
 
     path: ParamPath  # key path in the params pure dict, e.g. ("layers", "wq")
     hf_name: str  # "{i}" stands for the layer index of stacked parameters
     hf_shape: tuple[int, ...]  # per tensor, as stored by HF
-    shape: tuple[int, ...]  # per tensor after `transform` (without the layers axis)
-    transform: Transform
+    split: tuple[tuple[int, ...], ...]  # each HF axis as its factors, outermost first
+    perm: tuple[int, ...]  # parameter axes as split axes
     num_layers: int | None = None  # set for parameters stacked over layers
+
+    def __post_init__(self) -> None:
+        assert tuple(math.prod(g) for g in self.split) == self.hf_shape, self
+        assert sorted(self.perm) == list(range(sum(map(len, self.split)))), self
 
     def hf_names(self) -> list[str]:
         if self.num_layers is None:
@@ -74,49 +66,97 @@ class TensorMap:
         return [self.hf_name.format(i=i) for i in range(self.num_layers)]
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """Per tensor, after the transform (without the layers axis)."""
+        flat = [d for g in self.split for d in g]
+        return tuple(flat[p] for p in self.perm)
+
+    @property
     def param_shape(self) -> tuple[int, ...]:
         return self.shape if self.num_layers is None else (self.num_layers, *self.shape)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """A whole HF tensor -> the parameter's layout."""
+        return x.reshape([d for g in self.split for d in g]).transpose(self.perm)
+
+
+def _plain(shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple((d,) for d in shape)
+
+
+def read_region(reader: WeightReader, name: str, m: TensorMap,
+                index: tuple[slice, ...]) -> np.ndarray:
+    """`m.transform(reader.read(name))[index]`, reading only the HF rows it needs.
+
+    `index` holds one step-1 slice per axis of `m.shape`. Each HF axis maps to its outermost
+    split factor's range (times the inner factors); inner factors are sliced after the read
+    (in practice they are head_dim, never sharded, so nothing extra is read).
+    """
+    flat = [d for g in m.split for d in g]
+    wanted: list[tuple[int, int]] = [(0, 0)] * len(flat)
+    for k, p in enumerate(m.perm):
+        start, stop, step = index[k].indices(flat[p])
+        if step != 1:
+            raise ValueError(f"strided index {index[k]} into {'/'.join(m.path)}")
+        wanted[p] = (start, stop)
+    rows, shape, inner, pos = [], [], [], 0
+    for group in m.split:
+        below = math.prod(group[1:])
+        (a, b), rest = wanted[pos], wanted[pos + 1:pos + len(group)]
+        rows.append(slice(a * below, b * below))
+        shape += [b - a, *group[1:]]
+        inner += [slice(None)] + [slice(lo, hi) for lo, hi in rest]
+        pos += len(group)
+    x = reader.read_slice(name, tuple(rows))
+    if tuple(x.shape) != tuple(r.stop - r.start for r in rows):  # a reader must agree
+        raise CheckpointError(f"tensor {name!r}: read {list(x.shape)} for rows {rows}")
+    return x.reshape(shape)[tuple(inner)].transpose(m.perm)
 
 
 def tensor_map(cfg: ModelConfig) -> list[TensorMap]:
     """The complete HF name -> parameter table for `cfg` (order = conversion order)."""
     L, D, N, K, H, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                            cfg.head_dim, cfg.intermediate_size, cfg.vocab_size)
-    q = functools.partial(_in_to_heads, heads=N, head_dim=H)
-    kv = functools.partial(_in_to_heads, heads=K, head_dim=H)
     attn = "model.layers.{i}.self_attn"
     mlp = "model.layers.{i}.mlp"
+    # HF nn.Linear weights are [out, in]: projections are transposed, heads split out.
+    def in_to_heads(n: int) -> tuple:  # q/k/v_proj.weight [n*H, D] -> [D, n, H]
+        return ((n, H), (D,)), (2, 0, 1)
 
-    def layer(name: str, hf: str, hf_shape: tuple, shape: tuple, fn: Transform) -> TensorMap:
-        return TensorMap(("layers", name), hf, hf_shape, shape, fn, num_layers=L)
+    def transpose(out: int, inp: int) -> tuple:  # [out, in] -> [in, out]
+        return ((out,), (inp,)), (1, 0)
+
+    def layer(name: str, hf: str, hf_shape: tuple, layout: tuple) -> TensorMap:
+        return TensorMap(("layers", name), hf, hf_shape, *layout, num_layers=L)
+
+    def same(shape: tuple) -> tuple:
+        return _plain(shape), tuple(range(len(shape)))
 
     table = [
-        TensorMap(("embed",), "model.embed_tokens.weight", (V, D), (V, D), _identity),
-        layer("attn_norm", "model.layers.{i}.input_layernorm.weight", (D,), (D,), _identity),
-        layer("wq", f"{attn}.q_proj.weight", (N * H, D), (D, N, H), q),
-        layer("wk", f"{attn}.k_proj.weight", (K * H, D), (D, K, H), kv),
-        layer("wv", f"{attn}.v_proj.weight", (K * H, D), (D, K, H), kv),
+        TensorMap(("embed",), "model.embed_tokens.weight", (V, D), *same((V, D))),
+        layer("attn_norm", "model.layers.{i}.input_layernorm.weight", (D,), same((D,))),
+        layer("wq", f"{attn}.q_proj.weight", (N * H, D), in_to_heads(N)),
+        layer("wk", f"{attn}.k_proj.weight", (K * H, D), in_to_heads(K)),
+        layer("wv", f"{attn}.v_proj.weight", (K * H, D), in_to_heads(K)),
     ]
-    if cfg.attention_bias:
-        q_bias = functools.partial(_bias_to_heads, heads=N, head_dim=H)
-        kv_bias = functools.partial(_bias_to_heads, heads=K, head_dim=H)
+    if cfg.attention_bias:  # [n*H] -> [n, H]
         table += [
-            layer("bq", f"{attn}.q_proj.bias", (N * H,), (N, H), q_bias),
-            layer("bk", f"{attn}.k_proj.bias", (K * H,), (K, H), kv_bias),
-            layer("bv", f"{attn}.v_proj.bias", (K * H,), (K, H), kv_bias),
+            layer("bq", f"{attn}.q_proj.bias", (N * H,), (((N, H),), (0, 1))),
+            layer("bk", f"{attn}.k_proj.bias", (K * H,), (((K, H),), (0, 1))),
+            layer("bv", f"{attn}.v_proj.bias", (K * H,), (((K, H),), (0, 1))),
         ]
     table += [
-        layer("wo", f"{attn}.o_proj.weight", (D, N * H), (N, H, D),
-              functools.partial(_heads_to_out, heads=N, head_dim=H)),
-        layer("mlp_norm", "model.layers.{i}.post_attention_layernorm.weight", (D,), (D,),
-              _identity),
-        layer("w_gate", f"{mlp}.gate_proj.weight", (F, D), (D, F), _transpose),
-        layer("w_up", f"{mlp}.up_proj.weight", (F, D), (D, F), _transpose),
-        layer("w_down", f"{mlp}.down_proj.weight", (D, F), (F, D), _transpose),
-        TensorMap(("final_norm",), "model.norm.weight", (D,), (D,), _identity),
+        # o_proj [D, N*H] -> [N, H, D]
+        layer("wo", f"{attn}.o_proj.weight", (D, N * H), (((D,), (N, H)), (1, 2, 0))),
+        layer("mlp_norm", "model.layers.{i}.post_attention_layernorm.weight", (D,),
+              same((D,))),
+        layer("w_gate", f"{mlp}.gate_proj.weight", (F, D), transpose(F, D)),
+        layer("w_up", f"{mlp}.up_proj.weight", (F, D), transpose(F, D)),
+        layer("w_down", f"{mlp}.down_proj.weight", (D, F), transpose(D, F)),
+        TensorMap(("final_norm",), "model.norm.weight", (D,), *same((D,))),
     ]
     if not cfg.tie_word_embeddings:
-        table.append(TensorMap(("lm_head",), "lm_head.weight", (V, D), (D, V), _transpose))
+        table.append(TensorMap(("lm_head",), "lm_head.weight", (V, D), *transpose(V, D)))
     return table
 
 
@@ -156,26 +196,15 @@ def _log_unused(unused: list[str], cfg: ModelConfig) -> None:
                        ", ".join(loud[:8]), " ..." if len(loud) > 8 else "")
 
 
-def _read(reader: WeightReader, name: str, m: TensorMap) -> np.ndarray:
-    x = reader.read(name)
-    if tuple(x.shape) != m.hf_shape:  # a reader must agree with its own header; be sure
-        raise CheckpointError(f"tensor {name!r} has shape {list(x.shape)}, expected "
-                              f"{list(m.hf_shape)}")
-    return m.transform(x)
-
-
 def build_param(reader: WeightReader, m: TensorMap, dtype: np.dtype,
                 on_tensor: Callable[[str], None] | None = None) -> np.ndarray:
-    """One parameter as a host array in `dtype`, layers stacked on axis 0."""
+    """One whole parameter as a host array in `dtype`, layers stacked on axis 0 (tests and
+    tools; loading and conversion read per layer or per shard instead)."""
     out = np.empty(m.param_shape, dtype=dtype)
-    names = m.hf_names()
-    for i, name in enumerate(names):
+    whole = tuple(slice(None) for _ in m.shape)
+    for i, name in enumerate(m.hf_names()):
         # Cast while copying into the stacked buffer: one full-size copy, not two.
-        value = _read(reader, name, m)
-        if m.num_layers is None:
-            out[...] = value.astype(dtype, copy=False)
-        else:
-            out[i] = value.astype(dtype, copy=False)
+        out[i if m.num_layers is not None else ...] = read_region(reader, name, m, whole)
         if on_tensor is not None:
             on_tensor(name)
     return out

@@ -1,17 +1,28 @@
-"""The converted checkpoint format: orbax params plus two small JSON files.
+"""The converted checkpoint format: params plus two small JSON files.
 
-    <dir>/params/                   orbax StandardCheckpointer tree (the params pure dict)
+    <dir>/params/                   the parameters (below)
     <dir>/jaxinfer_config.json      ModelConfig.to_json()
-    <dir>/jaxinfer_checkpoint.json  {"format_version", "dtype", "quant", "params": {path: shape}}
+    <dir>/jaxinfer_checkpoint.json  {"format_version", "dtype", "quant", "params_format",
+                                     "params": {path: shape}}
+
+Two forms of `params/`, told apart by `params_format`:
+
+- "safetensors" (format_version 2, what `checkpoints.convert` writes): safetensors files in
+  our own layout (`checkpoints.quantize.stored_table`: `embed`, `layers/wq/0`, ...; one tensor
+  per layer of a stacked weight), plus `model.safetensors.index.json`. Written piece by piece
+  (`checkpoints/safetensors_write.py`) and read per device shard by `checkpoints.load`, like a
+  Hugging Face directory. Orbax could do neither within the memory bounds of docs/loading.md:
+  its save takes a whole array (so a stacked `[layers, ...]` weight in host memory), and it
+  holds about twice an array's bytes while writing it.
+- "orbax" (format_version 1, earlier conversions; still loaded): one orbax StandardCheckpointer
+  tree of the params pure dict, restored against a target tree of
+  `jax.ShapeDtypeStruct(..., sharding=...)` so each device reads its own shards.
 
 A quantized checkpoint (`quant` other than "none", see `jaxinfer/quant.py`) stores each
 quantized weight as two entries, `<path>/q` (int8 or float8_e4m3fn) and `<path>/scale`
-(float32); they are restored in their stored dtypes, never cast.
-
-Restoring hands orbax a target tree of `jax.ShapeDtypeStruct(..., sharding=...)`, so every
-device reads only its own shards and the whole model never sits on one device or host. Orbax
-is the part of the stack most likely to change between versions, so all calls into it are in
-`_orbax_save` and `_orbax_restore`, using only its long-stable StandardCheckpointer API.
+(float32); they are restored in their stored dtypes, never cast. Orbax is the part of the
+stack most likely to change between versions, so all calls into it are in `_orbax_save` and
+`_orbax_restore`, using only its long-stable StandardCheckpointer API.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ logger = logging.getLogger(__name__)
 PARAMS_DIR = "params"
 CONFIG_FILE = "jaxinfer_config.json"
 CHECKPOINT_FILE = "jaxinfer_checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _orbax_save(path: Path, tree: Any) -> None:
@@ -89,6 +100,9 @@ class CheckpointInfo:
 
     dtype: str  # "bfloat16" | "float16" | "float32"
     quant: str = "none"
+    # "orbax" (format 1: one orbax tree under params/) or "safetensors" (format 2, what
+    # `checkpoints.convert` writes: params/*.safetensors, one tensor per layer, streamed)
+    params_format: str = "orbax"
     format_version: int = FORMAT_VERSION
     params: dict[str, list[int]] | None = None  # "layers/wq" -> shape
 
@@ -117,6 +131,8 @@ def read_checkpoint_info(model_dir: str | Path) -> CheckpointInfo | None:
     if info.format_version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {info.format_version} is newer than this "
                               f"jaxinfer reads ({FORMAT_VERSION}); upgrade jaxinfer")
+    if info.params_format not in ("orbax", "safetensors"):
+        raise CheckpointError(f"{path}: unknown params_format {info.params_format!r}")
     try:
         parse_quant(info.quant)
     except ConfigError as e:
@@ -145,7 +161,7 @@ def save_params(out_dir: str | Path, params: dict) -> None:
     logger.info("wrote %s", path)
 
 
-def _check_shapes(info: CheckpointInfo, expected: dict, where: Path) -> None:
+def check_recorded_shapes(info: CheckpointInfo, expected: dict, where: Path) -> None:
     """Compare the recorded shapes with the config's, so a mismatch names the parameter."""
     if info.params is None:
         return
@@ -183,7 +199,7 @@ def restore_params(model_dir: str | Path, shapes: dict[tuple[str, ...], tuple[in
     want = to_numpy_dtype(dtype)
     info = read_checkpoint_info(model_dir)
     if info is not None:
-        _check_shapes(info, shapes, model_dir / CHECKPOINT_FILE)
+        check_recorded_shapes(info, shapes, model_dir / CHECKPOINT_FILE)
     # Restore in the stored dtype and cast here: how orbax casts on restore has changed across
     # versions; a cast in JAX is the same everywhere. Without info, ask orbax for `dtype`.
     stored = to_numpy_dtype(info.dtype) if info else want

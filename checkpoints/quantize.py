@@ -52,3 +52,21 @@ def quantize_host(value: np.ndarray, spec: QuantSpec, *, batch: int, contract: i
     with jax.default_device(jax.devices("cpu")[0]):
         qa = quantize(jnp.asarray(value, jnp.float32), spec, batch=batch, contract=contract)
     return qa.q, qa.scale
+
+
+def stored_table(cfg: ModelConfig, quant: str) -> list[llama.TensorMap]:
+    """The tensors of a converted (safetensors) checkpoint as `llama.TensorMap`s in our own
+    layout (identity transforms): `embed`, `lm_head/q`, ... whole; stacked parameters as one
+    tensor per layer, `layers/wq/0`, `layers/wq/1`, ..., so that conversion writes, and a
+    loader reads, one layer at a time. Read with `checkpoints.load`, as Hugging Face tensors
+    are."""
+    shapes, _ = stored_shapes(cfg, quant)
+    table = []
+    for path, shape in shapes.items():
+        stacked = path[0] == "layers"  # every stacked parameter lives under layers/
+        per = tuple(shape[1:]) if stacked else tuple(shape)
+        table.append(llama.TensorMap(
+            path, "/".join(path) + ("/{i}" if stacked else ""), per,
+            tuple((d,) for d in per), tuple(range(len(per))),
+            num_layers=shape[0] if stacked else None))
+    return table

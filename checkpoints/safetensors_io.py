@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints.tensors import NUMPY_DTYPES, TensorInfo, WeightReader, unsupported_dtype
+from checkpoints.tensors import (NUMPY_DTYPES, STORED_DTYPES, TensorInfo, WeightReader,
+                               unsupported_dtype)
 from jaxinfer.errors import CheckpointError
 
 __all__ = ["NUMPY_DTYPES", "TensorInfo", "WeightReader", "open_weights", "read_header",
@@ -118,7 +119,7 @@ class SafetensorsReader:
 
     def read(self, name: str) -> np.ndarray:
         info = self.info(name)
-        if info.dtype not in NUMPY_DTYPES:
+        if info.dtype not in STORED_DTYPES:
             raise unsupported_dtype(name, info)
         try:
             with open(info.file, "rb") as f:
@@ -128,7 +129,41 @@ class SafetensorsReader:
             raise CheckpointError(f"{info.file}: cannot read ({e.strerror or e})") from None
         if len(buf) != info.nbytes:  # the file shrank after it was opened
             raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
-        return np.frombuffer(buf, dtype=NUMPY_DTYPES[info.dtype]).reshape(info.shape)
+        return np.frombuffer(buf, dtype=STORED_DTYPES[info.dtype]).reshape(info.shape)
+
+    def read_slice(self, name: str, rows: tuple[slice, ...]) -> np.ndarray:
+        """One contiguous byte range (the rows of axis 0 that `rows` covers) is read; the other
+        axes are sliced in memory, so host memory holds that range and the result."""
+        info = self.info(name)
+        if info.dtype not in STORED_DTYPES:
+            raise unsupported_dtype(name, info)
+        if not info.shape:
+            return self.read(name)
+        dtype = STORED_DTYPES[info.dtype]
+        start, stop, _ = rows[0].indices(info.shape[0])
+        stop = max(stop, start)
+        row_bytes = math.prod(info.shape[1:]) * dtype.itemsize
+        nbytes = (stop - start) * row_bytes
+        # Read straight into the array (no bytes object in between); one read call returns at
+        # most ~2 GiB on Linux, so loop.
+        x = np.empty((stop - start, *info.shape[1:]), dtype=dtype)
+        view, done = memoryview(x.reshape(-1).view(np.uint8)), 0
+        try:
+            with open(info.file, "rb", buffering=0) as f:
+                f.seek(info.start + start * row_bytes)
+                while done < nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:  # the file shrank after it was opened
+                        raise CheckpointError(f"{info.file}: truncated while reading tensor "
+                                              f"{name!r}")
+                    done += n
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read ({e.strerror or e})") from None
+        rest = rows[1:]
+        if all(r == slice(None) or r.indices(d) == (0, d, 1)
+               for r, d in zip(rest, info.shape[1:])):
+            return x
+        return np.ascontiguousarray(x[(slice(None), *rest)])
 
 
 def read_weight_map(index_path: Path) -> dict[str, str]:

@@ -17,6 +17,14 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
 }
+# What the readers return: the float dtypes of Hugging Face weights, and the quantized ones
+# jaxinfer's own converted files hold (`checkpoints.convert --quant`). Hugging Face tensors are
+# still checked against NUMPY_DTYPES: an int8 tensor there is not a weight we can cast.
+STORED_DTYPES: dict[str, np.dtype] = {
+    **NUMPY_DTYPES,
+    "I8": np.dtype("i1"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+}
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
@@ -37,6 +45,11 @@ class WeightReader(Protocol):
     def info(self, name: str) -> TensorInfo: ...
 
     def read(self, name: str) -> np.ndarray: ...
+
+    def read_slice(self, name: str, rows: tuple[slice, ...]) -> np.ndarray:
+        """`read(name)[rows]` (one step-1 slice per axis), reading no more than the rows of
+        the first axis that `rows` covers."""
+        ...
 
 
 def unsupported_dtype(name: str, info: TensorInfo) -> CheckpointError:

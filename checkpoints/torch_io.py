@@ -88,7 +88,16 @@ class PickleReader:
         info = self.info(name)
         if info.dtype not in NUMPY_DTYPES:
             raise unsupported_dtype(name, info)
-        t = self._tensors[name][1].detach().contiguous()
+        return self._numpy(self._tensors[name][1].detach().contiguous(), info)
+
+    def read_slice(self, name: str, rows: tuple[slice, ...]) -> np.ndarray:
+        info = self.info(name)
+        if info.dtype not in NUMPY_DTYPES:
+            raise unsupported_dtype(name, info)
+        # The state dict is memory-mapped: slicing the tensor first pages in only that part.
+        return self._numpy(self._tensors[name][1].detach()[rows].contiguous(), info)
+
+    def _numpy(self, t: Any, info: TensorInfo) -> np.ndarray:
         if info.dtype == "BF16":  # numpy has no bfloat16: reinterpret the bits
             return t.view(self._torch.int16).numpy().view(NUMPY_DTYPES["BF16"])
         return t.numpy()

@@ -65,7 +65,8 @@ def test_convert_end_to_end(hf_copy, tmp_path):
     assert not any((out / name).exists() for name in COPIED_FILES
                    if not (hf / name).exists())
     info = json.loads((out / "jaxinfer_checkpoint.json").read_text())
-    assert (info["dtype"], info["quant"], info["format_version"]) == ("bfloat16", "none", 1)
+    assert (info["dtype"], info["quant"], info["format_version"], info["params_format"]) == (
+        "bfloat16", "none", 2, "safetensors")
     assert checkpoints.load_model_config(out) == checkpoints.load_model_config(hf)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  _params(out, "bfloat16"), _params(hf, "bfloat16"))

@@ -94,7 +94,8 @@ def test_converted_equals_hf_dir(hf_model, converted, name):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  from_hf, from_conv)
     info = json.loads((conv / "jaxinfer_checkpoint.json").read_text())
-    assert (info["dtype"], info["quant"], info["format_version"]) == ("float32", "none", 1)
+    assert (info["dtype"], info["quant"], info["format_version"], info["params_format"]) == (
+        "float32", "none", 2, "safetensors")
     assert info["params"]["layers/wq"] == [2, 64, 4, 16]
     for name in ("config.json", "generation_config.json"):
         assert (conv / name).read_bytes() == (hf / name).read_bytes()
