@@ -84,13 +84,15 @@ def _plain(shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple((d,) for d in shape)
 
 
-def read_region(reader: WeightReader, name: str, m: TensorMap,
-                index: tuple[slice, ...]) -> np.ndarray:
-    """`m.transform(reader.read(name))[index]`, reading only the HF rows it needs.
+def read_rows(reader: WeightReader, name: str, m: TensorMap,
+              index: tuple[slice, ...]) -> np.ndarray:
+    """What `read_region` reads, before its transpose: HF tensor `name` reshaped to
+    `m.split`'s axes and sliced to `index` (given on `m.shape`, mapped back through `m.perm`).
 
     `index` holds one step-1 slice per axis of `m.shape`. Each HF axis maps to its outermost
     split factor's range (times the inner factors); inner factors are sliced after the read
-    (in practice they are head_dim, never sharded, so nothing extra is read).
+    (in practice they are head_dim, never sharded, so nothing extra is read). The result is
+    contiguous when no inner factor is sliced (it is the read buffer itself).
     """
     flat = [d for g in m.split for d in g]
     wanted: list[tuple[int, int]] = [(0, 0)] * len(flat)
@@ -110,7 +112,14 @@ def read_region(reader: WeightReader, name: str, m: TensorMap,
     x = reader.read_slice(name, tuple(rows))
     if tuple(x.shape) != tuple(r.stop - r.start for r in rows):  # a reader must agree
         raise CheckpointError(f"tensor {name!r}: read {list(x.shape)} for rows {rows}")
-    return x.reshape(shape)[tuple(inner)].transpose(m.perm)
+    return x.reshape(shape)[tuple(inner)]
+
+
+def read_region(reader: WeightReader, name: str, m: TensorMap,
+                index: tuple[slice, ...]) -> np.ndarray:
+    """`m.transform(reader.read(name))[index]`, reading only the HF rows it needs (a
+    transposed view of `read_rows`)."""
+    return read_rows(reader, name, m, index).transpose(m.perm)
 
 
 def tensor_map(cfg: ModelConfig) -> list[TensorMap]:

@@ -1,21 +1,24 @@
 """Load a model directory (Hugging Face or converted) into sharded device arrays.
 
-Both paths place each parameter directly into its `NamedSharding`, and neither builds a whole
-parameter on the host:
+Each parameter goes straight into its `NamedSharding`, read per device shard, and no whole
+parameter is ever built on the host (docs/loading.md):
 
-- A Hugging Face directory is read per device shard. For every addressable device, the slice
-  of the parameter it holds (`sharding.addressable_devices_indices_map`) is read from the
-  safetensors files with `checkpoints.llama.read_region` (only the rows of each HF tensor that
-  the slice needs, transposed/split on the slice) one layer at a time, and each layer is
-  written into the device's buffer in place (a donated `dynamic_update_slice`). The devices'
-  buffers become one array with `jax.make_array_from_single_device_arrays`. Host memory above
-  what the devices keep is therefore one layer of one shard (plus, for a column slice, that
-  layer's HF rows), never a stacked `[layers, ...]` weight; `jax.make_array_from_callback`
-  would instead hold every addressable shard of a parameter on the host at once.
-- A converted directory is restored by orbax against a sharded target (each device reads its
-  own chunks; see `checkpoints/orbax_io.py` on chunk sizes).
+- For every addressable device, the slice of the parameter it holds
+  (`sharding.addressable_devices_indices_map`) is read in pieces: one layer of a stacked
+  weight at a time, cut further when large, each piece one contiguous row range of one
+  safetensors tensor (`checkpoints.llama.read_rows`: only the rows that device needs). Each
+  piece is copied to the device as read, then transposed, cast and written into the device's
+  buffer in place (a jitted, donated `dynamic_update_slice`), and waited for before the next
+  read. The devices' buffers become one array with `jax.make_array_from_single_device_arrays`.
+  Host memory above what the devices keep is therefore about one piece, never a stacked
+  `[layers, ...]` weight (`jax.make_array_from_callback` would hold every addressable shard
+  of a parameter on the host at once).
+- Hugging Face directories and directories converted by `checkpoints.convert` (safetensors in
+  our own layout, `checkpoints.quantize.stored_table`) go through that same path; only the name
+  table differs. Older converted directories (orbax, format 1) are restored by orbax against a
+  sharded target.
 
-A progress bar in bytes (tqdm, on stderr when it is a terminal) follows the Hugging Face path.
+A progress bar in bytes (tqdm, on stderr when it is a terminal) follows the reads.
 
 A directory converted with `--quant` holds QuantArrays (`jaxinfer/quant.py`); `load_params`
 restores them as such when given the matching quantized shardings (`checkpoint_quant` says
@@ -40,9 +43,8 @@ import numpy as np
 from checkpoints import llama
 from checkpoints.dtypes import to_numpy_dtype
 from checkpoints.hf_config import model_config_from_hf
-from checkpoints.orbax_io import (CHECKPOINT_FILE, CONFIG_FILE, PARAMS_DIR,
-                                  check_recorded_shapes, flatten, read_checkpoint_info,
-                                  restore_params, unflatten)
+from checkpoints.orbax_io import (CHECKPOINT_FILE, CONFIG_FILE, PARAMS_DIR, check_recorded_shapes,
+                                  flatten, read_checkpoint_info, restore_params, unflatten)
 from checkpoints.quantize import stored_shapes, stored_table
 from checkpoints.safetensors_io import WeightReader, open_weights
 from jaxinfer.config import ModelConfig
@@ -98,33 +100,75 @@ def _check_shardings(shardings: dict, shapes: dict[tuple[str, ...], tuple[int, .
                           f"(missing: {missing or 'none'}, unexpected: {extra or 'none'})")
 
 
-# Layers are copied into a device shard one at a time, in place (the buffer is donated).
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(buf: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(buf, layer, i, 0)
+# Pieces are written into a device's buffer in place (it is donated), transposed and cast on
+# the device: the host holds only the rows read, never a transposed or cast copy.
+@functools.partial(jax.jit, static_argnames=("perm", "stacked"), donate_argnums=0)
+def _put_piece(buf: jax.Array, rows: jax.Array, starts: tuple, *, perm: tuple[int, ...],
+               stacked: bool) -> jax.Array:
+    piece = jnp.transpose(rows, perm).astype(buf.dtype)
+    return jax.lax.dynamic_update_slice(buf, piece[None] if stacked else piece, starts)
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, device: jax.Device):
+    """A program that makes a zero buffer on `device` itself. `jnp.zeros(..., device=)` and
+    `device_put(np.zeros(...))` both pass through a host-side buffer of the same size."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+
+
+_SMALL_SHARD = 1 << 20  # bytes; smaller shards skip the on-device assembly
+
+
+def _piece_limit(shard_bytes: int) -> int:
+    """Bytes read per piece: an eighth of the shard (the transient stays small beside what
+    the device keeps), between 1 MiB and 64 MiB."""
+    return min(64 << 20, max(1 << 20, shard_bytes // 8))
 
 
 def _shard(reader: WeightReader, m: llama.TensorMap, index: tuple[slice, ...],
            dtype: np.dtype, device: jax.Device, bar) -> jax.Array:
-    """The part `index` of parameter `m`, on `device`, read layer by layer."""
+    """The part `index` of parameter `m`, on `device`, written piece by piece.
+
+    A piece is one layer (for a stacked parameter), cut further along the axis HF's row axis
+    becomes when it is larger than `_piece_limit`, so that each piece is one contiguous row
+    range of one HF tensor. Every piece is waited for before the next is read: JAX dispatches
+    asynchronously and keeps each host buffer alive until its copy has run.
+    """
     index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, m.param_shape))
-    if m.num_layers is None:
-        host = np.asarray(llama.read_region(reader, m.hf_name, m, index), dtype=dtype)
-        bar.update(host.nbytes)
-        return jax.device_put(host, device)
-    layers, rest = range(index[0].start, index[0].stop), index[1:]
+    shape = tuple(s.stop - s.start for s in index)
+    stacked = m.num_layers is not None
+    layers = range(index[0].start, index[0].stop) if stacked else [None]
+    rest = index[1:] if stacked else index
     names = m.hf_names()
-    if len(layers) == 1:
-        host = np.asarray(llama.read_region(reader, names[layers[0]], m, rest), dtype=dtype)
+    itemsize = np.dtype(dtype).itemsize
+    if math.prod(shape) * itemsize <= _SMALL_SHARD:
+        # Small: assembled on the host and copied once (no per-device program to compile;
+        # the transient is at most twice _SMALL_SHARD).
+        host = np.empty(shape, dtype)
+        for j, layer in enumerate(layers):
+            host[j if stacked else ...] = llama.read_region(
+                reader, names[layer] if stacked else names[0], m, rest)
         bar.update(host.nbytes)
-        return jax.device_put(host[None], device)
-    shape = (len(layers), *(s.stop - s.start for s in rest))
-    buf = jnp.zeros(shape, dtype, device=device)  # made on the device, not copied there
+        return jax.device_put(host, device).block_until_ready()
+    buf = _zeros(shape, np.dtype(dtype), device)().block_until_ready()
+    k = m.perm.index(0)  # our axis fed by HF axis 0's outermost factor
+    rest_shape = tuple(s.stop - s.start for s in rest)
+    row_bytes = math.prod(rest_shape) // rest_shape[k] * itemsize  # one index along axis k
+    step = max(1, _piece_limit(math.prod(shape) * itemsize) // row_bytes)
     for j, layer in enumerate(layers):
-        host = np.asarray(llama.read_region(reader, names[layer], m, rest), dtype=dtype)
-        buf = _set_layer(buf, jax.device_put(host, device), np.int32(j))
-        bar.update(host.nbytes)
-        del host
+        name = names[layer] if stacked else names[0]
+        for a in range(rest[k].start, rest[k].stop, step):
+            region = (*rest[:k], slice(a, min(a + step, rest[k].stop)), *rest[k + 1:])
+            rows = llama.read_rows(reader, name, m, region)
+            starts = [0] * len(shape)
+            starts[k + stacked] = a - rest[k].start
+            starts[0] = j if stacked else starts[0]
+            buf = _put_piece(buf, jax.device_put(rows, device),
+                             tuple(np.int32(x) for x in starts), perm=m.perm, stacked=stacked)
+            buf.block_until_ready()
+            bar.update(rows.size * itemsize)
+            del rows
     return buf
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoints.tensors import (NUMPY_DTYPES, STORED_DTYPES, TensorInfo, WeightReader,
-                               unsupported_dtype)
+                                 unsupported_dtype)
 from jaxinfer.errors import CheckpointError
 
 __all__ = ["NUMPY_DTYPES", "TensorInfo", "WeightReader", "open_weights", "read_header",

@@ -1,8 +1,9 @@
-"""`python -m jaxinfer.bench [generate|kernels|serving]`: benchmarks (STYLE.md rule 17).
+"""`python -m jaxinfer.bench [generate|kernels|serving|loading]`: benchmarks (STYLE.md rule 17).
 
 `generate` (the default) is the end-to-end generation benchmark below; `kernels` times the Pallas
 kernels beside their anchors (`jaxinfer/kernel_bench/`); `serving` drives a running gRPC server
-with Poisson arrivals (`serve/loadgen.py`).
+with Poisson arrivals (`serve/loadgen.py`); `loading` measures peak host memory while loading and
+converting a synthetic checkpoint (`jaxinfer/load_bench.py`).
 
 One JSON object per measurement on stdout; an aligned summary table on stderr. For each batch
 size it submits that many requests of `--prompt-len` random tokens and `--gen-len` greedy tokens
@@ -414,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "loading":
+        from jaxinfer.load_bench import main as loading_main
+        return loading_main(argv[1:])
     if argv and argv[0] == "kernels":
         from jaxinfer.kernel_bench import main as kernels_main
         return kernels_main(argv[1:])
