@@ -425,7 +425,6 @@ class SpecOptions:
     acceptance: str  # "rejection" | "typical" | "synthetic"
     typical_threshold: float = 0.09
     typical_alpha: float = 0.3
-    synthetic_rate: float = 0.0
 
 
 def speculative_step(graphdef, params, pparams, cache: PagedKVCache, state: SlotState, pstate,
@@ -472,7 +471,8 @@ def speculative_step(graphdef, params, pparams, cache: PagedKVCache, state: Slot
         prompt_mask=state.prompt_mask[slot] if full else None,
         counts=state.output_counts[slot] if full else None, penalize=pen if full else None,
         acceptance=spec.acceptance, full=full, threshold=spec.typical_threshold,
-        alpha=spec.typical_alpha, rate=spec.synthetic_rate)
+        alpha=spec.typical_alpha,
+        rate=pparams["acceptance_rate"] if spec.acceptance == "synthetic" else 0.0)
     accepted = jnp.minimum(accepted, nd)
 
     # Stops inside the kept run: the first stop token ends the row, as do its max tokens.

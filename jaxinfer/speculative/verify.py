@@ -159,7 +159,8 @@ def typical_verify(probs: jax.Array, proposal: Proposal, keys: jax.Array, positi
 
 
 def synthetic_verify(scored: jax.Array, proposal: Proposal, keys: jax.Array,
-                     positions: jax.Array, *, rate: float) -> tuple[jax.Array, jax.Array]:
+                     positions: jax.Array, *, rate: float | jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
     """Bench only: keep each valid draft with probability `rate`; emit the target's argmax of
     each row (row j's argmax for token j), so the step costs what a real one does."""
     b, k1, v = scored.shape
@@ -175,7 +176,7 @@ def verify(logits: jax.Array, proposal: Proposal, *, params: SamplingParams | No
            keys: jax.Array, positions: jax.Array, prompt_mask: jax.Array | None,
            counts: jax.Array | None, penalize: jax.Array | None, acceptance: str,
            full: bool, threshold: float = 0.09, alpha: float = 0.3,
-           rate: float = 0.0) -> tuple[jax.Array, jax.Array]:
+           rate: float | jax.Array = 0.0) -> tuple[jax.Array, jax.Array]:
     """(accepted [B], tokens [B, K1]) for raw target logits [B, K1, V] f32.
 
     `full` is static: False (an all-greedy batch without penalties) compares argmaxes only;

@@ -142,6 +142,11 @@ def test_adaptive_tiers_switch_depth_without_recompiling(plain):
     _, base, _, _ = plain
     llm = _llm('{"method": "ngram", "num_speculative_tokens": 3, "adaptive": true, '
                '"tiers": [0, 1, 3]}')
+    # Offline generation times the tiers itself when nobody did (the server's warm-up does).
+    plan = llm.core.scheduler.spec
+    plan.costs = {}
+    llm.generate([llm.request(llm.tokenizer.encode(PROMPTS[3]), max_tokens=2)])
+    assert sorted(plan.costs) == [(0, 4), (1, 4), (3, 4)] and min(plan.costs.values()) > 0
     # Costs that make the choice depend on each row's acceptance (plain: 1 token for 0.5;
     # k = 1 is 1.5 expected tokens for 0.7 at the prior, k = 3 wins once drafts are kept,
     # plain once they are not).
