@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_campaign.sh spec_pair       # speculative decoding on the trained pair
 #   bash benchmarks/gpu_campaign.sh spec_synthetic  # speed vs acceptance (1B shape), n-gram on demo
 #   MODEL=... bash benchmarks/gpu_campaign.sh spec_curve  # speed vs acceptance, k, adaptive
+#   bash benchmarks/gpu_campaign.sh spec_repeat     # n-gram on prompts that the answer quotes
 #   bash benchmarks/gpu_campaign.sh e2e       # jaxinfer.bench bf16, int8, fp8 at batch 1/32/64
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
 #   bash benchmarks/gpu_campaign.sh serving_dp   # served throughput, dp=1 vs dp=2 (2 GPUs)
@@ -298,11 +299,22 @@ spec_pair() {
     timeout 150 $PY -m jaxinfer.bench "${common[@]}" ${cfg:+--speculative-config "$cfg"} \
       >>"$OUT/spec_pair.jsonl" 2>>"$OUT/spec_pair.err"
   done
-  # Prompts whose continuation quotes them (--prompt-style repeat): plain, n-gram fixed/adaptive.
-  for cfg in "" "$ngram" '{"method": "ngram", "num_speculative_tokens": 3, "adaptive": true}'; do
-    step "bench target repeat-prompts ${cfg:-plain}"
-    timeout 150 $PY -m jaxinfer.bench "${common[@]}" --prompt-style repeat \
-      ${cfg:+--speculative-config "$cfg"} >>"$OUT/spec_pair.jsonl" 2>>"$OUT/spec_pair.err"
+}
+
+# spec_repeat: n-gram lookup on validation prompts whose continuation quotes them
+# (--prompt-style repeat) and on plain windows, on REPEAT_MODEL (default: the bundled demo;
+# the trained target of spec_pair where it exists). Writes spec_repeat.jsonl.
+spec_repeat() {
+  local model=${REPEAT_MODEL:-demo}
+  local common=(--model "$model" --batch ${SPEC_BATCH:-1,8,32,64} --prompt-len 128 --gen-len 128
+                --repeat 2 --prompt-file .corpus/val.txt)
+  local ngram='{"method": "ngram", "num_speculative_tokens": 3'
+  for style in repeat window; do
+    for cfg in "" "$ngram}" "$ngram, \"adaptive\": true}"; do
+      step "bench $model $style prompts ${cfg:-plain}"
+      timeout 120 $PY -m jaxinfer.bench "${common[@]}" --prompt-style $style \
+        ${cfg:+--speculative-config "$cfg"} >>"$OUT/spec_repeat.jsonl" 2>>"$OUT/spec.err"
+    done
   done
 }
 
