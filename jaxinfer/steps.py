@@ -463,7 +463,7 @@ def speculative_step(graphdef, params, pparams, cache: PagedKVCache, state: Slot
     writes = write_slots(bt, positions, valid, g)
     seq_lens = jnp.where(act, p + 1 + nd, 0)
     hidden, cache = model(feed, jnp.where(valid, positions, p[:, None]), cache, bt, seq_lens,
-                          writes, **_model_kw(opts))
+                          writes, rope_per_token=True, **_model_kw(opts))
     logits = model.logits(hidden, kernels=opts.kernels)  # [B, 1 + k, V] float32
     pen = act & _penalized(fp)
     accepted, emitted = verify(
