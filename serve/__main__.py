@@ -252,7 +252,7 @@ def build_engine(args: argparse.Namespace, engine_cfg: EngineConfig, *, max_queu
     from serve.engine_client import EngineClient
     from sharding.mesh import MeshSpec, parse_mesh
 
-    spec = parse_mesh(args.mesh)
+    spec = parse_mesh(resolve_mesh(args))
     replica = MeshSpec(pp=spec.pp, tp=spec.tp)
     tokenizer = tokenizer_for_model(args.model)
     if args.engine_in_process:
@@ -352,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if loop_box:
                 loop_box[0].call_soon_threadsafe(shutdown.set)
 
-        metrics = PrometheusMetrics()
+        metrics = PrometheusMetrics(
+            model_name=(args.served_model_name or [args.model])[0])
         if dist.is_distributed:
             import jax  # this process drives devices: it must join before touching them
 

@@ -255,14 +255,15 @@ def test_plot_without_matplotlib_prints_notice(monkeypatch, capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_server():
-    port = _free_port()
+    port, http_port = _free_port(), _free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
     # Small buckets keep the CPU warm-up short.
     flags = ["--max-seq-len", "64", "--num-pages", "64", "--decode-steps", "2",
              "--dtype", "float32", "--batch-buckets", "8", "--prefill-buckets", "32",
              "--prefill-rows", "1", "--max-num-batched-tokens", "64"]
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", "dummy", "--host",
-                             "127.0.0.1", "--port", str(port), *flags], cwd=REPO, env=env,
+                             "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
+                             *flags], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     yield proc, f"127.0.0.1:{port}"
     proc.terminate()
