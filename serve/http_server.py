@@ -199,6 +199,7 @@ class HttpFront:
         self.chat_template = chat_template
         self.metrics = metrics
         self.app = self._build_app()
+        self._created = oa.now()
         self._uvicorn: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
 
@@ -282,11 +283,10 @@ class HttpFront:
 
         @app.get("/v1/models")
         async def models():
-            limits = self.server.limits
+            extra = self._model_details()
             return {"object": "list", "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "jaxinfer",
-                 "root": model_name(self.server.info) or name,
-                 "max_model_len": limits.max_seq_len if limits else None}
+                {"id": name, "object": "model", "created": self._created,
+                 "owned_by": "jaxinfer", "root": model_name(self.server.info) or name, **extra}
                 for name in self.names]}
 
         @app.post("/v1/completions")
@@ -298,6 +298,25 @@ class HttpFront:
             return await self._chat(body, request)
 
         return app
+
+    def _model_details(self) -> dict:
+        """vLLM's max_model_len, and what a load generator needs to build token-id prompts
+        (vocab_size, special_token_ids) and to label its report (dtype, quant, mesh)."""
+        limits, info = self.server.limits, self.server.info
+        if limits is None:
+            return {"max_model_len": None}
+        tok = self.server.engine.tokenizer
+        special = [] if tok is None else [*tok.eos_ids, *([tok.bos_id] if tok.bos_id is not
+                                                          None else [])]
+        mesh = info.get("mesh") or {}
+        devices = mesh.get("devices") or []
+        fields = info.get("model_config") or {}
+        return {"max_model_len": limits.max_seq_len, "vocab_size": limits.vocab_size,
+                "special_token_ids": special,
+                "dtype": fields.get("dtype") or info.get("dtype"),
+                "quant": info.get("quant") or "none",
+                "mesh": ",".join(f"{a}={mesh[a]}" for a in ("dp", "pp", "tp") if a in mesh),
+                "device": str(devices[0]) if devices else None}
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -421,7 +440,9 @@ class HttpFront:
                 first = index not in seen
                 seen.add(index)
                 c = choice(i, out, first)
-                if c["text"] or c["finish_reason"] or c["logprobs"]:
+                # a chunk for new tokens even when their text is held back (an incomplete
+                # character, a possible stop string): clients time token arrival by chunks
+                if c["text"] or c["finish_reason"] or out.token_ids:
                     yield _sse({**head(), "choices": [c], **usage_field})
         if include_usage:
             yield _sse({**head(), "choices": [], "usage": oa.usage_json(list(usages.values()))})
