@@ -27,9 +27,8 @@ import types
 import typing
 from collections.abc import Sequence
 
-from jaxinfer.config import DEFAULT_MODEL, EngineConfig, ServeConfig
+from jaxinfer.config import DEFAULT_MODEL, QUANT_MODES, EngineConfig, ServeConfig
 from jaxinfer.errors import ConfigError, JaxinferError
-from jaxinfer.quant import QUANT_MODES
 from sharding import multihost
 
 logger = logging.getLogger("serve")

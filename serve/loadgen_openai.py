@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 
-from serve.loadgen import Prompt, RequestResult, ServerError, ServerSummary, UsageError
+from serve.loadgen_types import Prompt, RequestResult, ServerError, ServerSummary, UsageError
 
 
 class OpenAIBackend:
