@@ -319,3 +319,39 @@ def test_metrics_and_drain(http):
     tokens = first.choices[0].text + "".join(c.choices[0].text for c in rest)
     assert tokens
     assert drained.result(60) is True
+
+
+def test_vllm_flag_names_map_onto_ours(tmp_path):
+    from jaxinfer.errors import ConfigError
+    from serve.__main__ import _http_settings, build_parser, engine_config, resolve_mesh
+
+    def parse(*argv):
+        return build_parser().parse_args(["--model", "demo", *argv])
+
+    args = parse("--max-model-len", "1024", "--max-num-seqs", "48", "--tensor-parallel-size",
+                 "2", "--quant", "int8")
+    cfg = engine_config(args, default_dtype="float32")
+    assert cfg.max_seq_len == 1024 and cfg.batch_buckets == (16, 32, 48)
+    assert resolve_mesh(args) == "dp=1,pp=1,tp=2" and args.quant == "int8"
+    assert resolve_mesh(parse("--mesh", "dp=2,tp=2", "--tensor-parallel-size", "2")) == \
+        "dp=2,pp=1,tp=2"
+    for argv, match in ((("--max-model-len", "64", "--max-seq-len", "128"), "disagree"),
+                        (("--max-num-seqs", "8", "--batch-buckets", "4,16"), "disagree")):
+        with pytest.raises(ConfigError, match=match):
+            engine_config(parse(*argv), default_dtype="float32")
+    with pytest.raises(ConfigError, match="disagree"):
+        resolve_mesh(parse("--mesh", "tp=4", "--tensor-parallel-size", "2"))
+    # HTTP: on by default at 8000 on --host, named after --model; 0 turns it off
+    http = _http_settings(parse("--host", "0.0.0.0"))
+    assert (http["host"], http["port"], http["served_model_names"]) == ("0.0.0.0", 8000,
+                                                                         ["demo"])
+    assert http["chat_template"] is None  # the demo model has none
+    assert _http_settings(parse("--http-port", "0")) is None
+    template = tmp_path / "t.jinja"
+    template.write_text(TEMPLATE)
+    http = _http_settings(parse("--served-model-name", "a", "b", "--chat-template",
+                                str(template), "--http-host", "::1"))
+    assert http["served_model_names"] == ["a", "b"] and http["host"] == "::1"
+    assert http["chat_template"].source == TEMPLATE
+    with pytest.raises(ConfigError, match="--chat-template"):
+        _http_settings(parse("--chat-template", str(tmp_path / "missing.jinja")))
