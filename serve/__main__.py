@@ -230,7 +230,12 @@ async def _serve(server, shutdown: asyncio.Event, *, http: dict | None = None,
             from serve.http_server import HttpFront
 
             front = HttpFront(server, metrics=metrics, **http)
-            await front.start()
+            try:
+                await front.start()
+            except BaseException:
+                await server.stop()  # nothing is in flight yet; leave no gRPC threads behind
+                front = None
+                raise
         return await server.run(shutdown)
     finally:
         if front is not None:

@@ -108,7 +108,7 @@ class PrometheusMetrics:
         self.recompiles = Counter("jaxinfer_recompiles",
                                   "Compilations after warm-up; anything but 0 is a bug.",
                                   registry=r)
-        self.requests = Counter("jaxinfer_requests", "Finished gRPC calls.",
+        self.requests = Counter("jaxinfer_requests", "Finished gRPC calls and HTTP requests.",
                                 ("method", "code"), registry=r)
         # vLLM's speculative-decoding counters.
         self.spec_drafts = Counter("jaxinfer_spec_decode_num_drafts",

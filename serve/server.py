@@ -20,7 +20,9 @@ in a worker thread, starts the engine and turns health SERVING (generation calls
 UNAVAILABLE until then); `drain()` turns health NOT_SERVING, refuses new work with UNAVAILABLE,
 lets the engine finish what it has, waits until every stream has sent its last message, then
 stops the gRPC server. `run()` strings these together around a shutdown event, which
-`python -m serve` sets on SIGTERM or SIGINT.
+`python -m serve` sets on SIGTERM or SIGINT. The OpenAI HTTP front (`serve/http_server.py`)
+submits through the same `open_stream` on the same loop, so its requests share this state,
+the in-flight count and the drain.
 
 Error mapping (every handler goes through `_guard`): RequestError -> INVALID_ARGUMENT,
 PreconditionError -> FAILED_PRECONDITION, CapacityError -> RESOURCE_EXHAUSTED,

@@ -355,3 +355,24 @@ def test_vllm_flag_names_map_onto_ours(tmp_path):
     assert http["chat_template"].source == TEMPLATE
     with pytest.raises(ConfigError, match="--chat-template"):
         _http_settings(parse("--chat-template", str(tmp_path / "missing.jinja")))
+
+
+def test_http_port_in_use_is_one_line_exit_1():
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "serve", "--model", "dummy", "--port", "0",
+                            "--http-port", str(port)], cwd=repo, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == \
+        f"serve: error: cannot listen for HTTP on 127.0.0.1:{port}: Address already in use"
