@@ -338,7 +338,8 @@ class EngineCore:
                 lp = pre[ev.row: ev.row + 1] if ev.is_prefill else dec[:n, ev.row]
             out = SampleOutput(entry.request.request_id, seq.index, ev.tokens, logprobs=lp,
                                finish_reason=ev.finish_reason,
-                               cached_tokens=max(seq.num_cached_tokens, 0))
+                               cached_tokens=max(seq.num_cached_tokens, 0),
+                               scheduled_time=seq.first_scheduled)
             if ev.finish_reason == "error":
                 out.error = "the device stopped the sequence without a stop condition"
             outputs.append(out)
@@ -393,7 +394,8 @@ class EngineCore:
         if outputs is not None:
             outputs.append(SampleOutput(entry.request.request_id, seq.index, [],
                                         finish_reason=reason, error=error,
-                                        cached_tokens=max(seq.num_cached_tokens, 0)))
+                                        cached_tokens=max(seq.num_cached_tokens, 0),
+                                        scheduled_time=seq.first_scheduled))
         entry.unfinished -= 1
         if entry.unfinished == 0:
             self._entries.pop(entry.request.request_id, None)

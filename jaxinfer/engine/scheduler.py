@@ -150,6 +150,7 @@ class Sequence:
     __slots__ = (
         "deadline",
         "finish_reason",
+        "first_scheduled",
         "float_params",
         "ignore_eos",
         "index",
@@ -205,6 +206,7 @@ class Sequence:
         self.ignore_eos = request.ignore_eos
         self.finish_reason: FinishReason | None = None
         self.num_cached_tokens = -1  # prefix-cache hit at the first admission
+        self.first_scheduled: float | None = None  # time.monotonic() of the first admission
         self.num_preemptions = 0
         self.scheduled_step = -1
         self.parent = parent
@@ -438,6 +440,7 @@ class Scheduler:
                     break
                 if seq.num_cached_tokens < 0:
                     seq.num_cached_tokens = start
+                    seq.first_scheduled = time.monotonic()
                 self.kv.record_lookup(start, seq.num_tokens)
                 lookups.append((start, seq.num_tokens))
                 seq.slot = self._free_slots.pop()
