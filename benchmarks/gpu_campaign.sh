@@ -12,6 +12,9 @@
 #   bash benchmarks/gpu_campaign.sh train_models   # the demo, draft and target models
 #   bash benchmarks/gpu_campaign.sh spec_pair       # speculative decoding on the trained pair
 #   bash benchmarks/gpu_campaign.sh spec_synthetic  # speed vs acceptance (1B shape), n-gram on demo
+#   MODEL=... bash benchmarks/gpu_campaign.sh spec_curve  # speed vs acceptance, k, adaptive
+#   bash benchmarks/gpu_campaign.sh spec_repeat     # n-gram on prompts that the answer quotes
+#   bash benchmarks/gpu_campaign.sh e2e       # jaxinfer.bench bf16, int8, fp8 at batch 1/32/64
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
 #   bash benchmarks/gpu_campaign.sh serving_dp   # served throughput, dp=1 vs dp=2 (2 GPUs)
 #   bash benchmarks/gpu_campaign.sh serving_multihost   # tp=2: one process vs two (2 GPUs)
@@ -288,12 +291,30 @@ spec_pair() {
   done
   local common=(--model "$work/target" --batch ${SPEC_BATCH:-1,8,32,64} --prompt-len 128
                 --gen-len 128 --repeat 2 --prompt-file .corpus/val.txt)
-  local draft="{\"method\": \"draft_model\", \"model\": \"$work/draft\", \"num_speculative_tokens\": 3"
-  for cfg in "" "$draft}" "$draft, \"adaptive\": true}" \
-             '{"method": "ngram", "num_speculative_tokens": 3}'; do
+  local draft="{\"method\": \"draft_model\", \"model\": \"$work/draft\""
+  local ngram='{"method": "ngram", "num_speculative_tokens": 3}'
+  for cfg in "" "$draft, \"num_speculative_tokens\": 3}" \
+             "$draft, \"num_speculative_tokens\": 3, \"adaptive\": true}" "$ngram"; do
     step "bench target ${cfg:-plain}"
     timeout 150 $PY -m jaxinfer.bench "${common[@]}" ${cfg:+--speculative-config "$cfg"} \
       >>"$OUT/spec_pair.jsonl" 2>>"$OUT/spec_pair.err"
+  done
+}
+
+# spec_repeat: n-gram lookup on validation prompts whose continuation quotes them
+# (--prompt-style repeat) and on plain windows, on REPEAT_MODEL (default: the bundled demo;
+# the trained target of spec_pair where it exists). Writes spec_repeat.jsonl.
+spec_repeat() {
+  local model=${REPEAT_MODEL:-demo}
+  local common=(--model "$model" --batch ${SPEC_BATCH:-1,8,32,64} --prompt-len 128 --gen-len 128
+                --repeat 2 --prompt-file .corpus/val.txt)
+  local ngram='{"method": "ngram", "num_speculative_tokens": 3'
+  for style in repeat window; do
+    for cfg in "" "$ngram}" "$ngram, \"adaptive\": true}"; do
+      step "bench $model $style prompts ${cfg:-plain}"
+      timeout 120 $PY -m jaxinfer.bench "${common[@]}" --prompt-style $style \
+        ${cfg:+--speculative-config "$cfg"} >>"$OUT/spec_repeat.jsonl" 2>>"$OUT/spec.err"
+    done
   done
 }
 
@@ -312,6 +333,39 @@ spec_synthetic() {
         "{\"method\": \"synthetic\", \"num_speculative_tokens\": $k, \"acceptance_rate\": $a}" \
         >>"$OUT/spec_synthetic.jsonl" 2>>"$OUT/spec.err"
     done
+  done
+}
+
+# spec_curve: tok/s against acceptance on $MODEL with the bench-only synthetic proposer, each k
+# in SPEC_KS over SPEC_RATES on one set of compiled programs (--acceptance-rates), then adaptive
+# depth (tiers 0, 1, 3, 7) over the same rates. Writes spec_curve_$MODEL.jsonl.
+spec_curve() {
+  local common=(--model "$MODEL" --batch ${SPEC_BATCH:-1,8,32,64} --prompt-len 128 --gen-len 128
+                --repeat 2) rates=${SPEC_RATES:-0.5,0.6,0.7,0.8,0.9}
+  local log="$OUT/spec_curve_$MODEL.jsonl" syn='{"method": "synthetic", "acceptance_rate": 0.8'
+  step "bench $MODEL plain"
+  timeout ${SPEC_TIMEOUT:-150} $PY -m jaxinfer.bench "${common[@]}" >>"$log" 2>>"$OUT/spec.err"
+  for k in ${SPEC_KS:-1 3 7}; do
+    step "bench $MODEL synthetic k=$k rates $rates"
+    timeout ${SPEC_TIMEOUT:-150} $PY -m jaxinfer.bench "${common[@]}" --acceptance-rates "$rates" \
+      --speculative-config "$syn, \"num_speculative_tokens\": $k}" >>"$log" 2>>"$OUT/spec.err"
+  done
+  if [ -n "${SPEC_ADAPTIVE:-1}" ]; then
+    step "bench $MODEL synthetic adaptive rates $rates"
+    timeout ${SPEC_TIMEOUT:-150} $PY -m jaxinfer.bench "${common[@]}" --acceptance-rates "$rates" \
+      --speculative-config "$syn, \"num_speculative_tokens\": 7, \"adaptive\": true}" \
+      >>"$log" 2>>"$OUT/spec.err"
+  fi
+}
+
+# e2e: the end-to-end bench of the 1B shape (STYLE: after any change on the decode path), bf16
+# and each quant mode, batch 1/32/64. Writes e2e_$MODEL.jsonl.
+e2e() {
+  for q in none int8 fp8; do
+    step "e2e bench $MODEL quant=$q"
+    timeout 170 $PY -m jaxinfer.bench --model "$MODEL" --kernels pallas --quant "$q" \
+      --batch ${E2E_BATCH:-1,32,64} --prompt-len 128 --gen-len 256 --repeat 2 \
+      >>"$OUT/e2e_$MODEL.jsonl" 2>>"$OUT/e2e.err"
   done
 }
 

@@ -40,7 +40,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import statistics
 import subprocess
 import sys
@@ -129,7 +128,10 @@ def bench_engine_config(args, batches: list[int], dp: int) -> EngineConfig:
 
 
 def bench_prompts(args, llm: LLM, batch: int, rng) -> list[np.ndarray]:
-    """`batch` prompts of --prompt-len tokens: random ids, or windows of --prompt-file."""
+    """`batch` prompts of --prompt-len tokens: random ids, or windows of --prompt-file. With
+    `--prompt-style repeat` a window's first 3/4 is followed by its own first 1/4 again, so the
+    text that continues it is a quote of the prompt (as when quoting, summarizing or editing
+    it: what n-gram prompt lookup is for)."""
     cfg = llm.core.model_cfg
     if not args.prompt_file:
         return [rng.integers(0, cfg.vocab_size, args.prompt_len).astype(np.int32)
@@ -142,7 +144,12 @@ def bench_prompts(args, llm: LLM, batch: int, rng) -> list[np.ndarray]:
     if len(ids) < batch * stride:
         raise ConfigError(f"--prompt-file has {len(ids)} tokens; batch {batch} needs "
                           f"{batch * stride}")
-    return [ids[i * stride: i * stride + args.prompt_len] for i in range(batch)]
+    windows = [ids[i * stride: i * stride + args.prompt_len] for i in range(batch)]
+    if args.prompt_style == "repeat":
+        quote = args.prompt_len // 4
+        body = args.prompt_len - quote
+        windows = [np.concatenate([w[:body], w[:quote]]) for w in windows]
+    return windows
 
 
 def _emit(rows: list[dict], row: dict) -> None:
@@ -189,7 +196,9 @@ def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
                 unroll_layers=engine.layer_unroll, decode_steps=args.decode_steps,
                 prompt_len=args.prompt_len, gen_len=args.gen_len, device=device_name(),
                 num_devices=spec.size, jax_version=jax.__version__, git_sha=git_sha(),
-                speculative=args.speculative_config, prompts=args.prompt_file or "random")
+                speculative=args.speculative_config,
+                prompts=(f"{args.prompt_file} ({args.prompt_style})" if args.prompt_file
+                         else "random"))
     for b in batch_sizes:
         if b % spec.dp:
             _skip(rows, base, f"batch {b} is not a multiple of dp={spec.dp}", batch=b)
@@ -202,57 +211,18 @@ def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
     wbytes = param_bytes(llm.core.runner.params)
     kv_tok = kv_bytes_per_token(cfg, jnp.dtype(engine.kv_dtype).itemsize)
     rng = np.random.default_rng(0)
+    rates = _acceptance_rates(args)
     try:
         for b in runnable:
             prompts = bench_prompts(args, llm, b, rng)
-            c0 = llm.compile_seconds
-            t0 = time.perf_counter()
-            run_once(llm, prompts, args.gen_len)
-            first_call = time.perf_counter() - t0
-            compile_s = llm.compile_seconds - c0
-            compiles_before = llm.num_compiles
-            spec0 = _spec_totals(llm)
-            runs = [run_once(llm, prompts, args.gen_len) for _ in range(args.repeat)]
-            spec1 = _spec_totals(llm)
-            if llm.num_compiles != compiles_before:
-                raise RuntimeError("recompiled during timed runs")
-            ttft = statistics.median(r.ttft for r in runs)
-            dec = statistics.median(r.decode for r in runs)
-            total = statistics.median(r.total for r in runs)
-            decode_steps = args.gen_len - 1
-            step_s = dec / max(decode_steps, 1)
-            avg_ctx = args.prompt_len + args.gen_len / 2
-            # dp replicas each read their own copy of the weights: count one (the mesh rate).
-            gbps = (wbytes + b * avg_ctx * kv_tok) / step_s / 1e9
-            state = [(c.runner.params, c.runner.cache) for c in llm.cores]
-            metrics = [
-                ("compile_s", compile_s, "s"), ("first_call_s", first_call, "s"),
-                ("ttft_ms", ttft * 1e3, "ms"),
-                ("prefill_tok_s", b * args.prompt_len / ttft, "tok/s"),
-                ("decode_tok_s", b * decode_steps / dec, "tok/s"), ("itl_ms", step_s * 1e3, "ms"),
-                ("tok_s", b * args.gen_len / total, "tok/s"), ("hbm_gbps", gbps, "GB/s"),
-                ("state_gb_per_device", state_bytes_per_device(state) / 1e9, "GB"),
-            ]
-            if spec1 is not None:
-                drafts = spec1[0] - spec0[0]
-                proposed, kept = spec1[1] - spec0[1], spec1[2] - spec0[2]
-                metrics += [("spec_acceptance_rate", kept / max(proposed, 1), "fraction"),
-                            ("spec_mean_accepted_len", kept / max(drafts, 1), "tokens"),
-                            ("spec_draft_tokens", proposed, "tokens")]
-                per_pos = [a - b0 for a, b0 in zip(spec1[3], spec0[3])]
-                metrics += [(f"spec_accepted_pos{i}", v / max(drafts, 1), "fraction")
-                            for i, v in enumerate(per_pos)]
-            used = hbm_in_use([d for c in llm.cores for d in c.runner.mesh.local_devices])
-            if used is not None:
-                metrics.append(("hbm_in_use_gb", used / 1e9, "GB"))
-            if peak:
-                metrics += [("roofline_frac", gbps / peak / (spec.size // spec.dp), "fraction"),
-                            ("copy_gbps", peak, "GB/s")]
-            for metric, value, unit in metrics:
-                _emit(rows, dict(base, batch=b, metric=metric, value=round(float(value), 4),
-                                 unit=unit, weight_bytes=wbytes))
-            if llm.pages_used():
-                raise RuntimeError("pages left in use after a bench run")
+            for rate in rates:
+                row = base
+                if rate is not None:  # the synthetic proposer's rate is an operand: no compile
+                    for c in llm.cores:
+                        c.runner.set_proposer_params({"acceptance_rate": np.float32(rate)})
+                    row = dict(base, speculative=json.dumps(
+                        dict(json.loads(args.speculative_config), acceptance_rate=rate)))
+                _bench_batch(args, llm, b, prompts, row, rows, wbytes, kv_tok, peak, spec)
     finally:  # free this mesh's weights, cache and executables before the next mesh loads
         for c in llm.cores:
             for x in jax.tree.leaves((c.runner.cache, c.runner.state, c.runner.params)):
@@ -261,6 +231,77 @@ def bench_mesh(args, spec: MeshSpec, batch_sizes: list[int], peak: float | None,
         del llm
         jax.clear_caches()
         gc.collect()
+
+
+def _acceptance_rates(args) -> list[float | None]:
+    """--acceptance-rates: the synthetic proposer's rates to sweep ([None]: no sweep)."""
+    if not args.acceptance_rates:
+        return [None]
+    method = json.loads(args.speculative_config or "{}").get("method")
+    if method != "synthetic":
+        raise ConfigError('--acceptance-rates needs --speculative-config with "method": '
+                          '"synthetic"')
+    try:
+        rates = [float(x) for x in args.acceptance_rates.split(",") if x.strip()]
+    except ValueError:
+        rates = []
+    if not rates or any(not 0.0 <= r <= 1.0 for r in rates):
+        raise ConfigError(f"--acceptance-rates must be numbers in [0, 1], got "
+                          f"{args.acceptance_rates!r}")
+    return rates
+
+
+def _bench_batch(args, llm: LLM, b: int, prompts, base: dict, rows: list[dict], wbytes: int,
+                 kv_tok: int, peak: float | None, spec: MeshSpec) -> None:
+    """Time one batch size (a first call, which compiles, then --repeat runs); append rows."""
+    c0 = llm.compile_seconds
+    t0 = time.perf_counter()
+    run_once(llm, prompts, args.gen_len)
+    first_call = time.perf_counter() - t0
+    compile_s = llm.compile_seconds - c0
+    compiles_before = llm.num_compiles
+    spec0 = _spec_totals(llm)
+    runs = [run_once(llm, prompts, args.gen_len) for _ in range(args.repeat)]
+    spec1 = _spec_totals(llm)
+    if llm.num_compiles != compiles_before:
+        raise RuntimeError("recompiled during timed runs")
+    ttft = statistics.median(r.ttft for r in runs)
+    dec = statistics.median(r.decode for r in runs)
+    total = statistics.median(r.total for r in runs)
+    decode_steps = args.gen_len - 1
+    step_s = dec / max(decode_steps, 1)
+    avg_ctx = args.prompt_len + args.gen_len / 2
+    # dp replicas each read their own copy of the weights: count one (the mesh rate).
+    gbps = (wbytes + b * avg_ctx * kv_tok) / step_s / 1e9
+    state = [(c.runner.params, c.runner.cache) for c in llm.cores]
+    metrics = [
+        ("compile_s", compile_s, "s"), ("first_call_s", first_call, "s"),
+        ("ttft_ms", ttft * 1e3, "ms"),
+        ("prefill_tok_s", b * args.prompt_len / ttft, "tok/s"),
+        ("decode_tok_s", b * decode_steps / dec, "tok/s"), ("itl_ms", step_s * 1e3, "ms"),
+        ("tok_s", b * args.gen_len / total, "tok/s"), ("hbm_gbps", gbps, "GB/s"),
+        ("state_gb_per_device", state_bytes_per_device(state) / 1e9, "GB"),
+    ]
+    if spec1 is not None:
+        drafts = spec1[0] - spec0[0]
+        proposed, kept = spec1[1] - spec0[1], spec1[2] - spec0[2]
+        metrics += [("spec_acceptance_rate", kept / max(proposed, 1), "fraction"),
+                    ("spec_mean_accepted_len", kept / max(drafts, 1), "tokens"),
+                    ("spec_draft_tokens", proposed, "tokens")]
+        per_pos = [a - b0 for a, b0 in zip(spec1[3], spec0[3])]
+        metrics += [(f"spec_accepted_pos{i}", v / max(drafts, 1), "fraction")
+                    for i, v in enumerate(per_pos)]
+    used = hbm_in_use([d for c in llm.cores for d in c.runner.mesh.local_devices])
+    if used is not None:
+        metrics.append(("hbm_in_use_gb", used / 1e9, "GB"))
+    if peak:
+        metrics += [("roofline_frac", gbps / peak / (spec.size // spec.dp), "fraction"),
+                    ("copy_gbps", peak, "GB/s")]
+    for metric, value, unit in metrics:
+        _emit(rows, dict(base, batch=b, metric=metric, value=round(float(value), 4),
+                         unit=unit, weight_bytes=wbytes))
+    if llm.pages_used():
+        raise RuntimeError("pages left in use after a bench run")
 
 
 def _spec_totals(llm: LLM) -> tuple | None:
@@ -355,16 +396,21 @@ def write_chart(rows: list[dict], path: str) -> None:
 
 def print_table(rows: list[dict]) -> None:
     order = list(dict.fromkeys(r["mesh"] for r in rows))  # sweep order, not alphabetical
-    keys = sorted({(r["mesh"], r["batch"]) for r in rows},
-                  key=lambda k: (order.index(k[0]), -1 if k[1] is None else k[1]))
+    rate = {}  # an --acceptance-rates sweep: one line per rate
+    for r in rows:
+        spec = json.loads(r.get("speculative") or "{}")
+        rate[id(r)] = spec.get("acceptance_rate") if spec.get("method") == "synthetic" else None
+    sweep = any(v is not None for v in rate.values())
+    keys = sorted({(r["mesh"], r["batch"], rate[id(r)]) for r in rows},
+                  key=lambda k: (order.index(k[0]), -1 if k[1] is None else k[1], k[2] or 0))
     metrics = list(dict.fromkeys(r["metric"] for r in rows if r["metric"] != "skipped"))
-    header = ["mesh", "batch"] + metrics + ["note"]
+    header = ["mesh", "batch"] + (["acceptance"] if sweep else []) + metrics + ["note"]
     table = [header]
-    for mesh, b in keys:
-        sel = [r for r in rows if (r["mesh"], r["batch"]) == (mesh, b)]
+    for mesh, b, a in keys:
+        sel = [r for r in rows if (r["mesh"], r["batch"], rate[id(r)]) == (mesh, b, a)]
         vals = {r["metric"]: r["value"] for r in sel if r["metric"] != "skipped"}
         note = "; ".join(f"skipped: {r['reason']}" for r in sel if r["metric"] == "skipped")
-        table.append([mesh, "-" if b is None else str(b)]
+        table.append([mesh, "-" if b is None else str(b)] + ([str(a)] if sweep else [])
                      + [f"{vals[m]:.4g}" if m in vals else "-" for m in metrics] + [note])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
@@ -400,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "%(default)s, as served)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="speculative decoding (as generate's); rows add acceptance")
+    p.add_argument("--prompt-style", choices=("window", "repeat"), default="window",
+                   help="with --prompt-file: plain windows of it, or windows whose last quarter "
+                   "repeats their first (the continuation quotes the prompt)")
+    p.add_argument("--acceptance-rates", default=None, metavar="A,B,...",
+                   help='with a "synthetic" --speculative-config: sweep these acceptance rates '
+                   'on the same compiled programs (rows per rate)')
     p.add_argument("--prompt-file", default=None, metavar="TEXT",
                    help="prompts: consecutive --prompt-len token windows of this text file "
                         "(the model's tokenizer), instead of random tokens")
@@ -441,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("jaxinfer.bench: error: --prompt-len must be >= 1 and --gen-len >= 2", file=sys.stderr)
         return 2
     try:
+        _acceptance_rates(args)  # a bad sweep fails before anything loads
         multihost.initialize_from_args(args)  # before anything touches a device
         args.model = resolve_model(args.model, args.revision)  # an HF id -> its snapshot dir
         rows = bench_generate(args, batch_sizes)

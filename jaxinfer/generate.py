@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append",
                      help="comma-separated token ids, used exactly (no BOS); repeatable")
+    src.add_argument("--messages", default=None, metavar="JSON",
+                     help='a conversation for the chat template, e.g. \'[{"role": "user", '
+                     '"content": "Hi"}]\' (implies --chat)')
+    p.add_argument("--chat", action="store_true",
+                   help="render each --prompt as one user message through the model's chat "
+                   "template (tokenized without a second BOS)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a jinja chat template that replaces the model's own")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -114,9 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_model_config(args.model)
         tok = tokenizer_for_model(args.model)
         if args.prompt_ids:
+            if args.chat or args.chat_template:
+                raise RequestError("--chat takes --prompt or --messages text, not --prompt-ids")
             prompts = [_parse_ids(x) for x in args.prompt_ids]
         elif tok is None:
             raise RequestError(f"{args.model} has no tokenizer files; give --prompt-ids")
+        elif args.chat or args.messages is not None or args.chat_template:
+            prompts = _chat_prompts(args, tok)
         else:
             prompts = [tok.encode(x) for x in (args.prompt or ["Once upon a time"])]
         engine = _engine_config(args, dtype, cfg, prompts, spec.dp)
@@ -147,6 +159,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print((tok.decode(r.prompt_ids) if tok else str(r.prompt_ids)) + r.text)
     return 0
+
+
+def _chat_prompts(args, tok) -> list[list[int]]:
+    """Token ids of each conversation rendered by the chat template (BOS as the template
+    writes it, never added again)."""
+    from jaxinfer.chat_template import NO_TEMPLATE, chat_template_for_model
+
+    template = chat_template_for_model(args.model, args.chat_template)
+    if template is None:
+        raise RequestError(f"--chat: {NO_TEMPLATE}")
+    if args.messages is not None:
+        try:
+            messages = json.loads(args.messages)
+        except ValueError as e:
+            raise RequestError(f"--messages is not valid JSON: {e}") from None
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise RequestError('--messages must be a JSON list of {"role": ..., "content": ...} '
+                               "objects")
+        conversations = [messages]
+    else:
+        conversations = [[{"role": "user", "content": x}]
+                         for x in (args.prompt or ["Once upon a time"])]
+    return [tok.encode(template.render(c), add_bos=False) for c in conversations]
 
 
 def _engine_config(args, dtype: str, cfg, prompts: list[list[int]], dp: int) -> EngineConfig:

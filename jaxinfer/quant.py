@@ -35,12 +35,13 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.config import QUANT_MODES  # defined there, JAX-free, for the server's flags
 from jaxinfer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+
 QuantKind = Literal["int8", "fp8"]
-QUANT_MODES = ("none", "int8", "int8-g64", "int8-g128", "fp8")
 # Storage layout of q per kind: True = [*B, *O, *C] (K contiguous, as torch's Linear). Measured
 # on an H100: the int8 decode kernel streams it faster (23 vs 27 us at M=16, K=4096,
 # N=14336), and the fp8 tile kernel runs ~1.4x faster on it (Hopper's fp8 MMA reads K-major

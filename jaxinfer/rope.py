@@ -5,7 +5,9 @@ llama2.c interleaved convention are permuted at conversion, as HF's own export d
 
 `dynamic` (NTK) scaling depends on the sequence length: HF recomputes the frequencies from the
 longest position seen in a forward call. We use, per sequence, the longest position in the
-current step, which equals HF for a single sequence generated token by token.
+current step, which equals HF for a single sequence generated token by token; a speculative
+verify step (`per_token=True`) gives each token the frequencies of its own position, as the
+plain decode steps it stands for would, so speculation never changes the output.
 """
 
 from __future__ import annotations
@@ -41,21 +43,23 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 
 def _dynamic_inv_frequencies(cfg: ModelConfig, seq_len: jax.Array) -> jax.Array:
-    """NTK-aware frequencies [B, H/2] for sequences of length `seq_len` [B]."""
+    """NTK-aware frequencies [..., H/2] for sequences of length `seq_len` [...]."""
     h, factor = cfg.head_dim, cfg.rope_scaling.factor
     max_pos = cfg.max_position_embeddings
     seq_len = jnp.maximum(seq_len.astype(jnp.float32), float(max_pos))
     base = cfg.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (h / (h - 2))
     exponents = jnp.arange(0, h, 2, dtype=jnp.float32) / h
-    return 1.0 / (base[:, None] ** exponents[None, :])
+    return 1.0 / (base[..., None] ** exponents)
 
 
-def rope_angles(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rope_angles(cfg: ModelConfig, positions: jax.Array, *, per_token: bool = False
+                ) -> tuple[jax.Array, jax.Array]:
     """cos, sin [B, T, H/2] float32 for integer `positions` [B, T]."""
     pos = positions.astype(jnp.float32)
     if cfg.rope_scaling.rope_type == "dynamic":
-        inv = _dynamic_inv_frequencies(cfg, jnp.max(positions, axis=1) + 1)  # [B, H/2]
-        angles = pos[:, :, None] * inv[:, None, :]
+        lens = positions if per_token else jnp.max(positions, axis=1, keepdims=True)
+        inv = _dynamic_inv_frequencies(cfg, lens + 1)  # [B, T or 1, H/2]
+        angles = pos[:, :, None] * inv
     else:
         angles = pos[:, :, None] * jnp.asarray(inv_frequencies(cfg))[None, None, :]
     return jnp.cos(angles), jnp.sin(angles)

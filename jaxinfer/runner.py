@@ -116,8 +116,7 @@ class Runner:
                                   f"{self.spec.pp})")
             self.spec_opts = SpecOptions(
                 acceptance="synthetic" if spec.method == "synthetic" else spec.acceptance,
-                typical_threshold=spec.typical_threshold, typical_alpha=spec.typical_alpha,
-                synthetic_rate=float(spec.acceptance_rate or 0.0))
+                typical_threshold=spec.typical_threshold, typical_alpha=spec.typical_alpha)
 
     # -- state ---------------------------------------------------------------------------
     def init_state(self) -> None:
@@ -133,6 +132,13 @@ class Runner:
         self.state = jax.jit(make, out_shardings=self._rep)()
         if self.proposer is not None:
             self.pstate = self.proposer.init_state(self.num_slots, self.engine_cfg)
+
+    def set_proposer_params(self, pparams) -> None:
+        """Swap the proposer's parameters for a tree of the same structure, shapes and dtypes
+        (the bench's acceptance sweep): the compiled programs take them as operands, so this
+        compiles nothing."""
+        self.pparams = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding),
+                                    pparams, self.pparams)
 
     def state_bytes(self) -> int:
         """Bytes of the slot state on one device (it is replicated)."""

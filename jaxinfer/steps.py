@@ -425,7 +425,6 @@ class SpecOptions:
     acceptance: str  # "rejection" | "typical" | "synthetic"
     typical_threshold: float = 0.09
     typical_alpha: float = 0.3
-    synthetic_rate: float = 0.0
 
 
 def speculative_step(graphdef, params, pparams, cache: PagedKVCache, state: SlotState, pstate,
@@ -464,7 +463,7 @@ def speculative_step(graphdef, params, pparams, cache: PagedKVCache, state: Slot
     writes = write_slots(bt, positions, valid, g)
     seq_lens = jnp.where(act, p + 1 + nd, 0)
     hidden, cache = model(feed, jnp.where(valid, positions, p[:, None]), cache, bt, seq_lens,
-                          writes, **_model_kw(opts))
+                          writes, rope_per_token=True, **_model_kw(opts))
     logits = model.logits(hidden, kernels=opts.kernels)  # [B, 1 + k, V] float32
     pen = act & _penalized(fp)
     accepted, emitted = verify(
@@ -472,7 +471,8 @@ def speculative_step(graphdef, params, pparams, cache: PagedKVCache, state: Slot
         prompt_mask=state.prompt_mask[slot] if full else None,
         counts=state.output_counts[slot] if full else None, penalize=pen if full else None,
         acceptance=spec.acceptance, full=full, threshold=spec.typical_threshold,
-        alpha=spec.typical_alpha, rate=spec.synthetic_rate)
+        alpha=spec.typical_alpha,
+        rate=pparams["acceptance_rate"] if spec.acceptance == "synthetic" else 0.0)
     accepted = jnp.minimum(accepted, nd)
 
     # Stops inside the kept run: the first stop token ends the row, as do its max tokens.

@@ -1,11 +1,15 @@
-"""`python -m serve [--model demo|DIR|dummy]`: start the engine cores; serve gRPC until SIGTERM.
+"""`python -m serve [--model demo|DIR|dummy]`: start the engine cores; serve gRPC and the
+OpenAI HTTP API until SIGTERM.
 
-This process is the front (gRPC, tokenization, detokenization, streaming; it imports no JAX);
+This process is the front (gRPC and HTTP on one asyncio loop, tokenization, chat templates,
+detokenization, streaming; it imports no JAX);
 each dp replica's engine core runs in a process of its own (`serve/engine_client.py`). Every
 `EngineConfig` field is also a flag (`--page-size 16`, `--batch-buckets 8,32`,
 `--unroll-layers`), derived from the dataclass itself, so engine options never need a second
-list here. SIGTERM or SIGINT drains: health goes NOT_SERVING, new requests get UNAVAILABLE,
-in-flight requests finish, and the process exits 0; a second signal exits at once with 1. An
+list here; vLLM's names `--max-model-len`, `--max-num-seqs` and `--tensor-parallel-size` are
+accepted beside ours. SIGTERM or SIGINT drains: health goes NOT_SERVING (HTTP `/health` 503),
+new requests get UNAVAILABLE (HTTP 503), in-flight requests (HTTP streams too) finish, and the
+process exits 0; a second signal exits at once with 1. An
 engine core that dies ends every request it held with UNAVAILABLE and the server exits 1.
 Errors before serving print one line `serve: error: ...` and exit 1.
 """
@@ -23,7 +27,7 @@ import types
 import typing
 from collections.abc import Sequence
 
-from jaxinfer.config import DEFAULT_MODEL, EngineConfig, ServeConfig, resolve_model
+from jaxinfer.config import DEFAULT_MODEL, QUANT_MODES, EngineConfig, ServeConfig, resolve_model
 from jaxinfer.errors import ConfigError, JaxinferError
 from sharding import multihost
 
@@ -33,7 +37,8 @@ logger = logging.getLogger("serve")
 _OWN = {"model", "host", "port", "mesh", "metrics_port", "tls_cert", "tls_key", "max_queue",
         "compile_cache", "max_message_bytes", "drain_timeout", "seed", "allow_pickle",
         "log_level", "coordinator", "num_processes", "process_id", "step_port", "dtype",
-        "engine_in_process"}
+        "engine_in_process", "http_host", "http_port", "served_model_name", "chat_template",
+        "quant", "max_model_len", "max_num_seqs", "tensor_parallel_size"}
 
 
 def _engine_flag(p: argparse.ArgumentParser, field: dataclasses.Field, hint) -> None:
@@ -69,7 +74,8 @@ def _csv(item):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve",
                                 description="Serve a Llama-family model over gRPC "
-                                "(jaxinfer.v1, JetStream-compatible, health, reflection).")
+                                "(jaxinfer.v1, JetStream-compatible, health, reflection) and the "
+                                "OpenAI HTTP API.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="HF or converted directory, a Hugging Face id (ORG/NAME, from the local "
                    "cache; nothing is downloaded), a bundled model (demo: the default, trained "
@@ -81,9 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=ServeConfig.host, help="address to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=ServeConfig.port,
                    help="port (default %(default)s; 0 picks a free one)")
-    p.add_argument("--mesh", default="dp=1,pp=1,tp=1",
-                   help="dp=D,pp=P,tp=T: D engine-core processes (replicas, each with its own "
-                   "weights, --num-pages and decode slots), each over P x T devices")
+    p.add_argument("--mesh", default=None,
+                   help="dp=D,pp=P,tp=T (default dp=1,pp=1,tp=1): D engine-core processes "
+                   "(replicas, each with its own weights, --num-pages and decode slots), each "
+                   "over P x T devices")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="T",
+                   help="vLLM's name for the mesh's tp (with --mesh, they must agree)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="vLLM's name for --max-seq-len")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="vLLM's name for the decode slots: the largest of --batch-buckets")
+    p.add_argument("--quant", choices=QUANT_MODES, default=None,
+                   help="quantize the weights at load, as generate and bench do: int8 (per "
+                   "channel), int8-g64/int8-g128 (group-wise), fp8 (W8A8); default: as stored")
+    p.add_argument("--http-host", default=None,
+                   help="address of the OpenAI HTTP API (default: --host)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="port of the OpenAI HTTP API (default %(default)s; 0 turns it off)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model name(s) /v1/models lists and HTTP requests must use "
+                   "(default: the --model value)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a jinja chat template replacing the model's own (chat_template.jinja "
+                   "or tokenizer_config.json's chat_template)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="weights and activations (default bfloat16; float32 on CPU)")
     p.add_argument("--engine-in-process", action="store_true",
@@ -111,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(EngineConfig):
         if field.name not in _OWN and field.init:
             _engine_flag(p, field, hints[field.name])
+    p.set_defaults(model_name=None)  # main() keeps --model as typed here
     return p
 
 
@@ -121,7 +148,39 @@ def engine_config(args: argparse.Namespace, *, default_dtype: str) -> EngineConf
         if field.name not in _OWN and value is not None:
             overrides[field.name] = value
     overrides["dtype"] = args.dtype or default_dtype
+    if args.max_model_len is not None:
+        if overrides.get("max_seq_len", args.max_model_len) != args.max_model_len:
+            raise ConfigError(f"--max-model-len {args.max_model_len} and --max-seq-len "
+                              f"{overrides['max_seq_len']} disagree; give one")
+        overrides["max_seq_len"] = args.max_model_len
+    if args.max_num_seqs is not None:
+        n = args.max_num_seqs
+        if n < 1:
+            raise ConfigError(f"--max-num-seqs must be >= 1, got {n}")
+        given = overrides.get("batch_buckets")
+        if given is not None and given[-1] != n:
+            raise ConfigError(f"--max-num-seqs {n} and --batch-buckets {given} disagree (the "
+                              "largest bucket is the number of sequences); give one")
+        if given is None:  # the default buckets below n, then n itself
+            overrides["batch_buckets"] = tuple(
+                b for b in EngineConfig.batch_buckets if b < n) + (n,)
     return EngineConfig(**overrides)
+
+
+def resolve_mesh(args: argparse.Namespace) -> str:
+    """--mesh, with vLLM's --tensor-parallel-size folded in."""
+    from sharding.mesh import parse_mesh
+
+    mesh = args.mesh or "dp=1,pp=1,tp=1"
+    tp_size = args.tensor_parallel_size
+    if tp_size is None:
+        return mesh
+    if tp_size < 1:
+        raise ConfigError(f"--tensor-parallel-size must be >= 1, got {tp_size}")
+    spec = parse_mesh(mesh)
+    if args.mesh is not None and spec.tp != tp_size:
+        raise ConfigError(f"--tensor-parallel-size {tp_size} and --mesh {args.mesh} disagree")
+    return f"dp={spec.dp},pp={spec.pp},tp={tp_size}"
 
 
 def engine_fields(engine_cfg: EngineConfig) -> dict:
@@ -129,7 +188,26 @@ def engine_fields(engine_cfg: EngineConfig) -> dict:
     return {f.name: getattr(engine_cfg, f.name) for f in dataclasses.fields(EngineConfig)}
 
 
-async def _serve(server, shutdown: asyncio.Event) -> bool:
+def _served_names(args: argparse.Namespace) -> list[str]:
+    """--served-model-name, else --model as the user typed it (not its cache snapshot path)."""
+    return args.served_model_name or [args.model_name or args.model]
+
+
+def _http_settings(args: argparse.Namespace) -> dict | None:
+    """What the HTTP front needs, checked before any engine starts (None: --http-port 0)."""
+    if args.http_port == 0:
+        return None
+    if not 0 < args.http_port < 65536:
+        raise ConfigError(f"--http-port must be in [0, 65535], got {args.http_port}")
+    from jaxinfer.chat_template import chat_template_for_model
+
+    return {"host": args.http_host or args.host, "port": args.http_port,
+            "served_model_names": _served_names(args),
+            "chat_template": chat_template_for_model(args.model, args.chat_template)}
+
+
+async def _serve(server, shutdown: asyncio.Event, *, http: dict | None = None,
+                 metrics=None) -> bool:
     from serve.server import State
 
     loop = asyncio.get_running_loop()
@@ -156,7 +234,23 @@ async def _serve(server, shutdown: asyncio.Event) -> bool:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     await server.start()
-    return await server.run(shutdown)
+    front = None
+    try:
+        if http is not None:
+            # FastAPI and uvicorn are imported only here: a gRPC-only server needs neither.
+            from serve.http_server import HttpFront
+
+            front = HttpFront(server, metrics=metrics, **http)
+            try:
+                await front.start()
+            except BaseException:
+                await server.stop()  # nothing is in flight yet; leave no gRPC threads behind
+                front = None
+                raise
+        return await server.run(shutdown)
+    finally:
+        if front is not None:
+            await front.stop()
 
 
 def _kill_cores(server) -> None:
@@ -173,7 +267,7 @@ def build_engine(args: argparse.Namespace, engine_cfg: EngineConfig, *, max_queu
     from serve.engine_client import EngineClient
     from sharding.mesh import MeshSpec, parse_mesh
 
-    spec = parse_mesh(args.mesh)
+    spec = parse_mesh(resolve_mesh(args))
     replica = MeshSpec(pp=spec.pp, tp=spec.tp)
     tokenizer = tokenizer_for_model(args.model)
     if args.engine_in_process:
@@ -186,13 +280,13 @@ def build_engine(args: argparse.Namespace, engine_cfg: EngineConfig, *, max_queu
         cores = []
         for sub in replica_meshes(make_mesh(spec)):
             loaded = load_model(args.model, mesh=sub, dtype=engine_cfg.dtype, seed=args.seed,
-                                allow_pickle=args.allow_pickle)
+                                allow_pickle=args.allow_pickle, quant=args.quant)
             cores.append(EngineCore.create(loaded, engine_cfg, mesh=sub))
         logger.info("engine cores on threads of this process (%s)", jax.default_backend())
         return EngineClient.in_process(cores, tokenizer=tokenizer, max_queue=max_queue,
                                        metrics=metrics, on_fatal=on_fatal, progress=True)
     core_spec = {"model": args.model, "engine": engine_fields(engine_cfg), "mesh": str(replica),
-                 "seed": args.seed, "allow_pickle": args.allow_pickle, "quant": None,
+                 "seed": args.seed, "allow_pickle": args.allow_pickle, "quant": args.quant,
                  "compile_cache": args.compile_cache, "log_level": args.log_level}
     return EngineClient.spawn(core_spec, dp=spec.dp, devices_per_replica=replica.size,
                               tokenizer=tokenizer, max_queue=max_queue, metrics=metrics,
@@ -213,7 +307,7 @@ def _multihost_engine(args, engine_cfg: EngineConfig, channel, *, max_queue: int
 
     mesh = make_mesh(args.mesh)
     loaded = load_model(args.model, mesh=mesh, dtype=engine_cfg.dtype, seed=args.seed,
-                        allow_pickle=args.allow_pickle)
+                        allow_pickle=args.allow_pickle, quant=args.quant)
     core = EngineCore.create(loaded, engine_cfg, mesh=mesh,
                              runner_factory=functools.partial(BroadcastingRunner,
                                                               channel=channel))
@@ -236,7 +330,7 @@ def _follow(args: argparse.Namespace, engine_cfg: EngineConfig, address: tuple[s
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     mesh = make_mesh(args.mesh)
     loaded = load_model(args.model, mesh=mesh, dtype=engine_cfg.dtype, seed=args.seed,
-                        allow_pickle=args.allow_pickle)
+                        allow_pickle=args.allow_pickle, quant=args.quant)
     eng = resolve_engine_config(loaded.cfg, engine_cfg, mesh)
     runner = Runner(loaded.cfg, eng, loaded.graphdef, loaded.params, mesh=mesh)
     sock = connect(address)
@@ -263,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 metrics_port=args.metrics_port, tls_cert=args.tls_cert,
                                 tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
                                 drain_timeout=args.drain_timeout)
+        args.mesh = resolve_mesh(args)
+        http = _http_settings(args)
         dist = multihost.config_from(args.coordinator, args.num_processes, args.process_id)
         from serve.metrics import MetricsHttpServer, PrometheusMetrics
         from serve.server import Server
@@ -275,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if loop_box:
                 loop_box[0].call_soon_threadsafe(shutdown.set)
 
-        metrics = PrometheusMetrics()
+        metrics = PrometheusMetrics(
+            model_name=_served_names(args)[0])
         if dist.is_distributed:
             import jax  # this process drives devices: it must join before touching them
 
@@ -310,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         async def run() -> bool:
             loop_box.append(asyncio.get_running_loop())
-            return await _serve(server, shutdown)
+            return await _serve(server, shutdown, http=http, metrics=metrics)
 
         clean = asyncio.run(run())
     except (JaxinferError, OSError) as e:

@@ -108,19 +108,37 @@ def generate_request(msg: pb.GenerateRequest, *, request_id: str, tokenizer: Tok
     if not prompt:
         raise RequestError("prompt is empty")
     s = msg.sampling
-    max_tokens = _max_tokens(s.max_tokens if s.HasField("max_tokens") else None, len(prompt),
-                             limits)
-    logprobs = 0
-    if s.HasField("logprobs"):
+    return build_request(
+        request_id=request_id, prompt=prompt, limits=limits, names=V1_NAMES,
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        sampling=sampling_options(s), stop_token_ids=tuple(s.stop_token_ids),
+        stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos, n=s.n or 1,
+        logprobs=int(s.logprobs) if s.HasField("logprobs") else None,
+        priority=int(msg.priority), deadline=deadline)
+
+
+def build_request(*, request_id: str, prompt: list[int], limits: Limits, names: dict,
+                  max_tokens: int | None, sampling: SamplingOptions,
+                  stop_token_ids: tuple = (), stop_strings: tuple = (), ignore_eos: bool = False,
+                  n: int = 1, logprobs: int | None = None, priority: int = 0,
+                  deadline: float | None = None) -> Request:
+    """The validated engine `Request` every protocol's converter ends in (gRPC's
+    `generate_request`, the OpenAI HTTP API's): max_tokens defaults to the room left in the
+    context, and `logprobs` (None: not asked; 0: the chosen token's only) becomes the engine's
+    top-k count. Raises RequestError naming the field as `names` spells it."""
+    if not prompt:
+        raise RequestError(f"{names.get('prompt_ids', 'prompt')} is empty")
+    max_tokens = _max_tokens(max_tokens, len(prompt), limits)
+    engine_logprobs = 0
+    if logprobs is not None:
         # The engine returns the chosen token's logprob only alongside top ones; for 0, ask for
         # one and drop it when answering (see `token_logprobs`).
-        logprobs = max(int(s.logprobs), 1)
+        engine_logprobs = max(int(logprobs), 1) if logprobs >= 0 else int(logprobs)
     req = Request(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens,
-                  sampling=sampling_options(s), stop_token_ids=tuple(s.stop_token_ids),
-                  stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos, n=s.n or 1,
-                  logprobs=logprobs,
-                  priority=int(msg.priority), deadline=deadline)
-    validate_request(req, limits, names=V1_NAMES)
+                  sampling=sampling, stop_token_ids=tuple(stop_token_ids),
+                  stop_strings=tuple(stop_strings), ignore_eos=ignore_eos, n=n,
+                  logprobs=engine_logprobs, priority=priority, deadline=deadline)
+    validate_request(req, limits, names=names)
     return req
 
 

@@ -1,15 +1,22 @@
-"""`python -m jaxinfer.bench serving`: a load generator for a running `python -m serve`.
+"""`python -m jaxinfer.bench serving`: a load generator for a running `python -m serve`, or
+for any server of the OpenAI HTTP API (`--backend openai --base-url http://host:8000`: ours,
+vLLM, SGLang), so one tool compares them.
 
-It drives the server's streaming `jaxinfer.v1.Generation/Generate` RPC the way an online
-workload would: for each offered rate (requests/s) it sends `--num-requests` requests whose start
-times form a Poisson process (exponential gaps; `inf` sends them all at once), one asyncio task per
-request over one grpc.aio channel, and times every streamed message on arrival.
+It drives the server's streaming `jaxinfer.v1.Generation/Generate` RPC (or streaming
+`/v1/completions`, `serve/loadgen_openai.py`) the way an online workload would: for each
+offered rate (requests/s) it sends `--num-requests` requests whose start times form a Poisson
+process (exponential gaps; `inf` sends them all at once), one asyncio task per request over one
+channel (or HTTP client), and times every streamed message on arrival.
 
 Prompts are synthetic token ids (lengths fixed, uniform or normal around `--prompt-len`; special
 ids avoided; fresh random ids per rate so the prefix cache cannot hit across rates) or come from a
 local file (`--dataset`: a JSON list of strings, or JSONL lines with "prompt" and optional
-"max_tokens"; a prompt may also be a list of token ids). Synthetic requests set `ignore_eos` so
-every request generates exactly its target length, as serving benchmarks do.
+"max_tokens"; a prompt may also be a list of token ids; or a ShareGPT file, a JSON list of
+{"conversations": [{"from": "human" | "gpt", "value": ...}, ...]}: as vLLM's benchmark reads
+it, the first human turn is the prompt and the gpt turn after it, in tokens of `--tokenizer`
+(default: the server's model, when it is a local one), is the output length). Synthetic
+requests set `ignore_eos` so every request generates exactly its target length, as serving
+benchmarks do.
 
 Per request it records (definitions as in vLLM's benchmark_serving):
   TTFT  send -> first message carrying a token
@@ -53,62 +60,14 @@ PROG = "python -m jaxinfer.bench serving"
 PERCENTILES = (50, 90, 99)
 
 
-class UsageError(Exception):
-    """Bad flags or input file: exit 2."""
-
-
-class ServerError(Exception):
-    """The server cannot be used: exit 1."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """One request to send: token ids or text, and how many tokens to ask for."""
-
-    max_tokens: int
-    token_ids: tuple[int, ...] | None = None
-    text: str | None = None
-
-
-@dataclasses.dataclass
-class RequestResult:
-    """What one request measured; times are seconds from its send."""
-
-    ok: bool = False
-    error: str = ""
-    ttft: float | None = None
-    e2e: float | None = None
-    # Inter-token latency: a message of k tokens after a gap g adds k gaps of g / k (as
-    # SGLang's bench_serving counts a multi-token chunk); `gaps` keeps the raw gaps between
-    # messages, which a server decoding several tokens per step sends in bursts.
-    itls: list[float] = dataclasses.field(default_factory=list)
-    gaps: list[float] = dataclasses.field(default_factory=list)
-    output_tokens: int = 0
-    prompt_tokens: int = 0
-    finish_reason: str = ""
-
-    @property
-    def tpot(self) -> float | None:
-        if not self.ok or self.output_tokens < 2 or self.ttft is None or self.e2e is None:
-            return None
-        return (self.e2e - self.ttft) / (self.output_tokens - 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerSummary:
-    """The fields of ServerInfo the report needs."""
-
-    model: str
-    dtype: str
-    quant: str
-    mesh: str
-    device: str
-    vocab_size: int
-    special_ids: tuple[int, ...]
-    has_tokenizer: bool
-    max_seq_len: int
-    max_tokens: int
-
+# The types both backends share (serve/loadgen_openai.py is the other), re-exported here.
+from serve.loadgen_types import (  # noqa: E402
+    Prompt,
+    RequestResult,
+    ServerError,
+    ServerSummary,
+    UsageError,
+)
 
 # -- workload ------------------------------------------------------------------------------------
 
@@ -202,6 +161,11 @@ def load_dataset(path: Path, default_max_tokens: int) -> list[Prompt]:
     prompts = []
     for entry, loc in zip(entries, where):
         max_tokens = default_max_tokens
+        if isinstance(entry, dict) and "conversations" in entry:
+            prompt = _sharegpt(entry["conversations"], default_max_tokens)
+            if prompt is not None:
+                prompts.append(prompt)
+            continue
         if isinstance(entry, dict):
             if "prompt" not in entry:
                 raise UsageError(f"--dataset {path}: {loc} has no \"prompt\"")
@@ -220,6 +184,40 @@ def load_dataset(path: Path, default_max_tokens: int) -> list[Prompt]:
     if not prompts:
         raise UsageError(f"--dataset {path}: no prompts")
     return prompts
+
+
+def _sharegpt(turns, default_max_tokens: int) -> Prompt | None:
+    """The first human turn and the gpt reply after it; None when the conversation has no
+    such pair (vLLM's benchmark skips those too)."""
+    if not isinstance(turns, list):
+        return None
+    for i, turn in enumerate(turns[:-1]):
+        if not isinstance(turn, dict) or turn.get("from") != "human":
+            continue
+        reply = turns[i + 1]
+        text, out = turn.get("value"), reply.get("value") if isinstance(reply, dict) else None
+        if (isinstance(text, str) and text and isinstance(out, str) and out
+                and reply.get("from") == "gpt"):
+            return Prompt(max_tokens=default_max_tokens, text=text, output_text=out)
+        return None
+    return None
+
+
+def fit_sharegpt(prompts: list[Prompt], tokenizer, max_seq_len: int) -> list[Prompt]:
+    """ShareGPT prompts with max_tokens = the reply's length in tokens (at least 1), dropping
+    those whose prompt + reply do not fit the server's context (as vLLM's benchmark drops
+    what its model cannot take). Other prompts pass unchanged."""
+    out = []
+    for p in prompts:
+        if p.output_text is None:
+            out.append(p)
+            continue
+        n_out = max(len(tokenizer.encode(p.output_text, add_bos=False)), 1)
+        n_in = len(tokenizer.encode(p.text))
+        if max_seq_len and n_in + n_out > max_seq_len:
+            continue
+        out.append(dataclasses.replace(p, max_tokens=n_out))
+    return out
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -375,7 +373,26 @@ async def send_one(stub, request, timeout_s: float | None) -> RequestResult:
     return res
 
 
-async def run_rate(stub, pb, prompts: Sequence[Prompt], rate: float, rng: np.random.Generator,
+class GrpcBackend:
+    """The jaxinfer.v1 streaming Generate RPC (the default backend)."""
+
+    def __init__(self, channel, stub, summary: ServerSummary) -> None:
+        self.channel, self.stub, self.summary = channel, stub, summary
+
+    @classmethod
+    async def connect(cls, args: argparse.Namespace) -> GrpcBackend:
+        return cls(*await connect(args.target, args.connect_timeout, args.tls_ca))
+
+    async def send(self, prompt: Prompt, *, ignore_eos: bool, seed: int,
+                   timeout_s: float | None) -> RequestResult:
+        return await send_one(self.stub, build_request(_pb()[0], prompt, ignore_eos=ignore_eos,
+                                                       seed=seed), timeout_s)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def run_rate(backend, prompts: Sequence[Prompt], rate: float, rng: np.random.Generator,
                    *, ignore_eos: bool, max_concurrency: int | None,
                    timeout_s: float | None, seed: int) -> tuple[list[RequestResult], float, int]:
     """Send `prompts` at Poisson `rate`; returns (results, wall seconds, peak requests in
@@ -386,13 +403,13 @@ async def run_rate(stub, pb, prompts: Sequence[Prompt], rate: float, rng: np.ran
 
     async def one(i: int, prompt: Prompt) -> RequestResult:
         nonlocal in_flight, peak
-        req = build_request(pb, prompt, ignore_eos=ignore_eos, seed=seed + i)
         if gate is not None:
             await gate.acquire()
         in_flight += 1
         peak = max(peak, in_flight)
         try:
-            return await send_one(stub, req, timeout_s)
+            return await backend.send(prompt, ignore_eos=ignore_eos, seed=seed + i,
+                                      timeout_s=timeout_s)
         finally:
             in_flight -= 1
             if gate is not None:
@@ -470,7 +487,18 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="grpc: jaxinfer.v1 at --target; openai: streaming /v1/completions at "
+                   "--base-url (ours, vLLM, SGLang)")
+    p.add_argument("--target", default="127.0.0.1:50051", help="gRPC server host:port")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="OpenAI API server (with --backend openai)")
+    p.add_argument("--model", default=None,
+                   help="model name for OpenAI requests (default: the first /v1/models lists)")
+    p.add_argument("--tokenizer", default=None,
+                   help="local model dir whose tokenizer counts ShareGPT replies, and whose "
+                   "vocabulary synthetic prompts draw from against an OpenAI server that does "
+                   "not report its own (default: the server's model)")
     p.add_argument("--rates", default="1,2,4,inf", help="offered request rates per second")
     p.add_argument("--num-requests", type=int, default=None,
                    help="requests per rate (default 100; with --dataset, its size)")
@@ -481,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--len-spread", type=float, default=0.5,
                    help="relative half-width of the uniform/normal length distributions")
     p.add_argument("--dataset", type=Path, default=None,
-                   help="JSON list of prompt strings, or JSONL with prompt and max_tokens")
+                   help="JSON list of prompt strings, JSONL with prompt and max_tokens, or a "
+                   "ShareGPT JSON file")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly max_tokens per request (default on)")
     p.add_argument("--max-concurrency", type=int, default=None,
@@ -526,9 +555,19 @@ async def run(args: argparse.Namespace, rates: list[float], dataset: list[Prompt
 
     from jaxinfer.run_info import git_sha
 
-    channel, stub, server = await connect(args.target, args.connect_timeout, args.tls_ca)
-    pb, _ = _pb()
+    if args.backend == "openai":
+        from serve.loadgen_openai import OpenAIBackend
+
+        backend = await OpenAIBackend.connect(args)
+    else:
+        backend = await GrpcBackend.connect(args)
+    server = backend.summary
     try:
+        if dataset is not None and any(p.output_text is not None for p in dataset):
+            dataset = fit_sharegpt(dataset, _tokenizer(args, server), server.max_seq_len)
+            if not dataset:
+                raise UsageError(f"--dataset {args.dataset}: no conversation fits the server's "
+                                 f"context of {server.max_seq_len} tokens")
         if dataset is not None and not server.has_tokenizer and any(p.text for p in dataset):
             raise ServerError(f"--dataset {args.dataset} has text prompts but the server's model "
                               f"{server.model} has no tokenizer")
@@ -551,14 +590,14 @@ async def run(args: argparse.Namespace, rates: list[float], dataset: list[Prompt
             rng = np.random.default_rng(args.seed + 10_000)
             warm = _workload(rng, args, server, dataset)[: args.warmup]
             await asyncio.gather(*(
-                send_one(stub, build_request(pb, p, ignore_eos=ignore_eos, seed=args.seed),
-                         args.request_timeout) for p in warm))
+                backend.send(p, ignore_eos=ignore_eos, seed=args.seed,
+                             timeout_s=args.request_timeout) for p in warm))
         rows, first_error = [], ""
         for k, rate in enumerate(rates):
             rng = np.random.default_rng(args.seed + k)
             prompts = _workload(rng, args, server, dataset)
             results, wall, peak = await run_rate(
-                stub, pb, prompts, rate, rng, ignore_eos=ignore_eos,
+                backend, prompts, rate, rng, ignore_eos=ignore_eos,
                 max_concurrency=args.max_concurrency, timeout_s=args.request_timeout,
                 seed=args.seed)
             errors = [r.error for r in results if not r.ok]
@@ -577,7 +616,24 @@ async def run(args: argparse.Namespace, rates: list[float], dataset: list[Prompt
             raise ServerError(f"no request completed (first error: {first_error})")
         return rows
     finally:
-        await channel.close()
+        await backend.close()
+
+
+def _tokenizer(args: argparse.Namespace, server: ServerSummary):
+    """What ShareGPT replies are counted in: --tokenizer, else the server's model when it
+    names a local or bundled model (no JAX, no download)."""
+    from jaxinfer.errors import JaxinferError
+    from jaxinfer.tokenizer import tokenizer_for_model
+
+    name = args.tokenizer or server.model
+    try:
+        tok = tokenizer_for_model(name)
+    except JaxinferError as e:
+        raise UsageError(f"a ShareGPT --dataset needs a tokenizer to count its replies: {e}; "
+                         "give --tokenizer DIR") from None
+    if tok is None:
+        raise UsageError(f"{name} has no tokenizer files; give --tokenizer DIR")
+    return tok
 
 
 def _workload(rng: np.random.Generator, args: argparse.Namespace, server: ServerSummary,

@@ -23,7 +23,18 @@ Names follow Prometheus conventions (`_seconds`, `_total`) under the `jaxinfer_`
     jaxinfer_prefix_cache_{hit,queried}_tokens_total  counter
     jaxinfer_preemptions_total               counter
     jaxinfer_recompiles_total                counter    compilations after warm-up (a bug)
-    jaxinfer_requests_total{method,code}     counter    finished gRPC calls by status code
+    jaxinfer_requests_total{method,code}     counter    finished gRPC calls by status code, and
+                                                        HTTP requests ("HTTP /v1/...", status)
+    jaxinfer_prompt_tokens_total             counter    prompt tokens of requests (at first token)
+    jaxinfer_generation_tokens_total         counter    generated tokens, as they stream
+    jaxinfer_request_finished_total{finish_reason}  counter  stop, length, cancelled, deadline,
+                                                        error, aborted
+    jaxinfer_request_queue_time_seconds      histogram  arrival -> first admission to a slot
+    jaxinfer_request_prefill_time_seconds    histogram  first admission -> first token
+    jaxinfer_request_decode_time_seconds     histogram  first token -> last token
+
+With `model_name` (what `python -m serve` passes: the first --served-model-name), every sample
+carries a `model_name` label, as vLLM's metrics do, so one Prometheus can tell models apart.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import logging
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.registry import Collector
 from prometheus_client.exposition import generate_latest
 
 logger = logging.getLogger(__name__)
@@ -46,9 +58,16 @@ _STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.0
 class PrometheusMetrics:
     """EngineMetrics backed by prometheus_client, in a private registry."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+    def __init__(self, model_name: str | None = None) -> None:
+        # The metrics live in `_own`; `registry` (what is served) shows them, with the
+        # model_name label added to every sample when there is one.
+        self._own = CollectorRegistry(auto_describe=True)
+        if model_name is None:
+            self.registry = self._own
+        else:
+            self.registry = CollectorRegistry(auto_describe=False)
+            self.registry.register(_Labelled(self._own, {"model_name": model_name}))
+        r = self._own
         self.ttft = Histogram("jaxinfer_time_to_first_token_seconds",
                               "Time from request arrival to its first generated token.",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -89,7 +108,7 @@ class PrometheusMetrics:
         self.recompiles = Counter("jaxinfer_recompiles",
                                   "Compilations after warm-up; anything but 0 is a bug.",
                                   registry=r)
-        self.requests = Counter("jaxinfer_requests", "Finished gRPC calls.",
+        self.requests = Counter("jaxinfer_requests", "Finished gRPC calls and HTTP requests.",
                                 ("method", "code"), registry=r)
         # vLLM's speculative-decoding counters.
         self.spec_drafts = Counter("jaxinfer_spec_decode_num_drafts",
@@ -102,6 +121,23 @@ class PrometheusMetrics:
         self.spec_accepted_pos = Counter("jaxinfer_spec_decode_num_accepted_tokens_per_pos",
                                          "Draft tokens kept at each draft position.",
                                          ("position",), registry=r)
+        # vLLM's per-request metrics
+        self.prompt_tokens = Counter("jaxinfer_prompt_tokens",
+                                     "Prompt tokens of requests (counted at the first token).",
+                                     registry=r)
+        self.generation_tokens = Counter("jaxinfer_generation_tokens",
+                                         "Generated tokens (counted as they stream).", registry=r)
+        self.finished = Counter("jaxinfer_request_finished", "Finished requests by reason.",
+                                ("finish_reason",), registry=r)
+        self.queue_time = Histogram("jaxinfer_request_queue_time_seconds",
+                                    "Time from arrival to the first admission to a slot.",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_time = Histogram("jaxinfer_request_prefill_time_seconds",
+                                      "Time from the first admission to the first token.",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode_time = Histogram("jaxinfer_request_decode_time_seconds",
+                                     "Time from the first token to the last.",
+                                     buckets=_LATENCY_BUCKETS, registry=r)
         self._lock = threading.Lock()
         self._hit = 0
         self._queried = 0
@@ -116,6 +152,20 @@ class PrometheusMetrics:
 
     def observe_e2e(self, seconds: float) -> None:
         self.e2e.observe(seconds)
+
+    def add_prompt_tokens(self, n: int) -> None:
+        self.prompt_tokens.inc(n)
+
+    def add_generation_tokens(self, n: int) -> None:
+        self.generation_tokens.inc(n)
+
+    def observe_request(self, finish_reason: str, *, queue: float | None,
+                        prefill: float | None, decode: float | None) -> None:
+        self.finished.labels(finish_reason=finish_reason).inc()
+        for hist, value in ((self.queue_time, queue), (self.prefill_time, prefill),
+                            (self.decode_time, decode)):
+            if value is not None:
+                hist.observe(value)
 
     def observe_step(self, host_seconds: float, tokens: int,
                      schedule_seconds: float = 0.0) -> None:
@@ -162,6 +212,20 @@ class PrometheusMetrics:
     def render(self) -> bytes:
         """The registry in Prometheus text format (what the HTTP endpoint serves)."""
         return generate_latest(self.registry)
+
+
+class _Labelled(Collector):
+    """Another registry's metrics with fixed labels added to every sample."""
+
+    def __init__(self, inner: CollectorRegistry, labels: dict[str, str]) -> None:
+        self._inner = inner
+        self._labels = labels
+
+    def collect(self):
+        for metric in self._inner.collect():
+            metric.samples = [s._replace(labels={**s.labels, **self._labels})
+                              for s in metric.samples]
+            yield metric
 
 
 class MetricsHttpServer:

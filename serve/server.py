@@ -20,7 +20,9 @@ in a worker thread, starts the engine and turns health SERVING (generation calls
 UNAVAILABLE until then); `drain()` turns health NOT_SERVING, refuses new work with UNAVAILABLE,
 lets the engine finish what it has, waits until every stream has sent its last message, then
 stops the gRPC server. `run()` strings these together around a shutdown event, which
-`python -m serve` sets on SIGTERM or SIGINT.
+`python -m serve` sets on SIGTERM or SIGINT. The OpenAI HTTP front (`serve/http_server.py`)
+submits through the same `open_stream` on the same loop, so its requests share this state,
+the in-flight count and the drain.
 
 Error mapping (every handler goes through `_guard`): RequestError -> INVALID_ARGUMENT,
 PreconditionError -> FAILED_PRECONDITION, CapacityError -> RESOURCE_EXHAUSTED,
@@ -208,6 +210,34 @@ def _merge(batch: list[Output]) -> list[Output]:
             error=out.error or prev.error, usage=out.usage or prev.usage)
     # the Output that carries the request's usage goes last, as it did from the engine
     return sorted(merged.values(), key=lambda o: o.usage is not None)
+
+
+class Stream:
+    """A submitted request as its front sees it (`Server.open_stream`)."""
+
+    def __init__(self, server: Server, sub: _Submission, end_reason: Callable[[], str]) -> None:
+        self._server = server
+        self._sub = sub
+        self._end_reason = end_reason
+        self._closed = False
+
+    @property
+    def request(self) -> Request:
+        return self._sub.req
+
+    async def batches(self) -> AsyncIterator[list[Output]]:
+        """Batches of Outputs until every sample has finished; RpcFailure when the engine
+        ends the request with a failure reason."""
+        while not self._sub.finished:
+            yield await self._sub.next_batch()
+
+    def close(self) -> None:
+        """Cancel the request if unfinished; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sub.cancel(self._end_reason())
+        self._server._stream_closed()
 
 
 class Server:
@@ -402,30 +432,48 @@ class Server:
             raise UnavailableError("the server is draining and accepts no new requests")
 
     async def _outputs(self, req: Request, context) -> AsyncIterator[list[Output]]:
-        """Submit `req` and yield batches of its Outputs (`_Submission.next_batch`) until
-        every sample has finished.
+        """`outputs` for a gRPC call: its deadline decides the end reason, and the call's
+        done-callback cancels the request too (a safety net for a handler never resumed)."""
+        async for batch in self.outputs(req, end_reason=lambda: _end_reason(context),
+                                        on_submitted=lambda cancel: context.add_done_callback(
+                                            lambda _ctx: cancel())):
+            yield batch
 
-        Raises RpcFailure when the engine ends it with a failure reason. However the caller
-        stops iterating (done, failed, cancelled), an unfinished request is cancelled.
+    async def outputs(self, req: Request, *, end_reason: Callable[[], str] = lambda: "cancelled",
+                      on_submitted: Callable[[Callable[[], None]], None] | None = None
+                      ) -> AsyncIterator[list[Output]]:
+        """Submit `req` and yield batches of its Outputs (`Stream.batches`) until every sample
+        has finished. However the caller stops iterating (done, failed, cancelled), an
+        unfinished request is cancelled. `on_submitted(cancel)` lets the caller cancel it
+        from a callback too."""
+        stream = self.open_stream(req, end_reason=end_reason)
+        if on_submitted is not None:
+            on_submitted(stream.close)
+        try:
+            async for batch in stream.batches():
+                yield batch
+        finally:
+            stream.close()
+
+    def open_stream(self, req: Request, *, end_reason: Callable[[], str] = lambda: "cancelled"
+                    ) -> Stream:
+        """Submit `req` now; every front (gRPC, HTTP) goes through here, so drain and the
+        in-flight count cover them all. The caller must `close()` the stream (which cancels
+        an unfinished request with `end_reason()` and frees its pages at once).
+
+        Raises UnavailableError unless serving, and the engine's RequestError or CapacityError.
         """
         self._check_serving()
         sub = _Submission(self.engine, req, self._loop)
-
-        def on_done(_ctx) -> None:
-            sub.cancel(_end_reason(context))
-
         self.engine.submit(req, sub.on_output)  # raises RequestError, CapacityError, ...
         self._active += 1
         self._idle.clear()
-        context.add_done_callback(on_done)
-        try:
-            while not sub.finished:
-                yield await sub.next_batch()
-        finally:
-            sub.cancel(_end_reason(context))
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+        return Stream(self, sub, end_reason)
+
+    def _stream_closed(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
 
     # -- jaxinfer.v1.Generation --------------------------------------------------------------
 

@@ -68,6 +68,7 @@ class Sample(msgspec.Struct, array_like=True):
     finish_reason: str | None
     error: str | None
     cached_tokens: int
+    scheduled_time: float | None = None
 
 
 class Steps(msgspec.Struct, tag=True, array_like=True):
@@ -124,7 +125,8 @@ def request_of(msg: AddRequest) -> Request:
 def sample_of(o: SampleOutput) -> Sample:
     lp = None if o.logprobs is None else np.ascontiguousarray(o.logprobs, np.int32)
     return Sample(o.request_id, o.index, o.token_ids, None if lp is None else lp.tobytes(),
-                  0 if lp is None else lp.shape[1], o.finish_reason, o.error, o.cached_tokens)
+                  0 if lp is None else lp.shape[1], o.finish_reason, o.error, o.cached_tokens,
+                  o.scheduled_time)
 
 
 def sample_output(s: Sample) -> SampleOutput:
@@ -133,7 +135,7 @@ def sample_output(s: Sample) -> SampleOutput:
         lp = np.frombuffer(s.logprobs, np.int32).reshape(-1, s.width)
     return SampleOutput(s.request_id, s.index, s.token_ids, logprobs=lp,
                         finish_reason=s.finish_reason, error=s.error,
-                        cached_tokens=s.cached_tokens)
+                        cached_tokens=s.cached_tokens, scheduled_time=s.scheduled_time)
 
 
 def stats_list(stats: StepStats) -> list[float]:

@@ -120,7 +120,8 @@ def test_scheduler_and_front_load_no_jax():
                           "jaxinfer.engine.output, jaxinfer.engine.packing")
     # The server's front: everything `python -m serve` imports before it starts its cores.
     assert not _loads_jax("import serve.__main__, serve.server, serve.engine_client, "
-                          "serve.metrics\nfrom jaxinfer.tokenizer import tokenizer_for_model\n"
+                          "serve.metrics, serve.http_server, jaxinfer.chat_template\n"
+                          "from jaxinfer.tokenizer import tokenizer_for_model\n"
                           "from sharding.mesh import parse_mesh\n"
                           "tokenizer_for_model('dummy'); parse_mesh('dp=2,tp=2')")
     assert _loads_jax("import jaxinfer.runner")  # the check itself can fail

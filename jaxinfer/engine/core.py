@@ -97,6 +97,7 @@ class EngineCore:
         self.runner.on_late_compile = self._late_compile
         self._entries: dict[str, _Entry] = {}
         self._pending: tuple[SchedulerOutput, object, object] | None = None
+        self._last_read: float | None = None  # when the last step's results were read
         self._rng = random.SystemRandom()
         self._aborted: list[SampleOutput] = []
 
@@ -256,15 +257,30 @@ class EngineCore:
                 sched.discard(handle[0])
                 handle = None
             elif results is not None:
+                self._observe_cost(done[0])
                 t2 = time.perf_counter()
                 stats.generated_tokens = self._apply(done[0], *results, outputs, stats)
                 applied = time.perf_counter() - t2
                 host += applied
                 t_sched += applied
         self._pending = handle
+        if handle is None:
+            self._last_read = None  # the device goes idle: the next interval is no step's cost
         stats.host_seconds = host
         self._fill_stats(stats, so, t_sched)
         return outputs, stats
+
+    def _observe_cost(self, so: SchedulerOutput) -> None:
+        """Adaptive depth: time between two reads of back-to-back steps is what the later one
+        cost the engine (the device's time, or the host's where it was slower); decode-only
+        steps of a timed shape update their tier's cost."""
+        now, last = time.perf_counter(), self._last_read
+        self._last_read = now
+        plan = self.scheduler.spec
+        if (last is None or plan is None or not plan.adaptive or not so.decode_seqs
+                or so.prefill_seqs or (not so.spec_k and so.num_steps != plan.plain_steps)):
+            return
+        plan.observe(so.spec_k, so.decode_shape[0], now - last)
 
     def _fill_stats(self, stats: StepStats, so: SchedulerOutput, t_sched: float) -> None:
         sched = self.scheduler
@@ -322,7 +338,8 @@ class EngineCore:
                 lp = pre[ev.row: ev.row + 1] if ev.is_prefill else dec[:n, ev.row]
             out = SampleOutput(entry.request.request_id, seq.index, ev.tokens, logprobs=lp,
                                finish_reason=ev.finish_reason,
-                               cached_tokens=max(seq.num_cached_tokens, 0))
+                               cached_tokens=max(seq.num_cached_tokens, 0),
+                               scheduled_time=seq.first_scheduled)
             if ev.finish_reason == "error":
                 out.error = "the device stopped the sequence without a stop condition"
             outputs.append(out)
@@ -377,7 +394,8 @@ class EngineCore:
         if outputs is not None:
             outputs.append(SampleOutput(entry.request.request_id, seq.index, [],
                                         finish_reason=reason, error=error,
-                                        cached_tokens=max(seq.num_cached_tokens, 0)))
+                                        cached_tokens=max(seq.num_cached_tokens, 0),
+                                        scheduled_time=seq.first_scheduled))
         entry.unfinished -= 1
         if entry.unfinished == 0:
             self._entries.pop(entry.request.request_id, None)

@@ -150,9 +150,14 @@ class LLM:
         `on_step(step, outputs)` sees every step's Outputs (the bench times with it)."""
         if not requests:
             raise ValueError("no requests given")
-        for core in self.cores:  # count speculation per sample (Completion.speculative)
+        for core, here in zip(self.cores, self._local):
             if core.spec is not None and core.spec_by_sample is None:
-                core.spec_by_sample = {}
+                core.spec_by_sample = {}  # count speculation per sample (Completion.speculative)
+            plan = core.scheduler.spec
+            if here and plan is not None and plan.adaptive and not plan.costs:
+                # Adaptive depth weighs tiers by their timed cost: without the warm-up (which
+                # compiles every program and times each tier) it would never speculate.
+                core.warmup()
         limits = self.limits
         for req in requests:
             validate_request(req, limits)

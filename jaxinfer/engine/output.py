@@ -98,7 +98,7 @@ class RequestOutputs:
     """One request's output state (its samples' text streams, counts and times)."""
 
     __slots__ = ("completion_tokens", "failed", "first_token_time", "left", "on_output",
-                 "request", "samples")
+                 "request", "samples", "scheduled_time")
 
     def __init__(self, request: Request, tokenizer: Tokenizer | None,
                  on_output: Callable[[Output], None] | None) -> None:
@@ -109,6 +109,7 @@ class RequestOutputs:
         self.left = request.n
         self.completion_tokens = 0
         self.first_token_time: float | None = None
+        self.scheduled_time: float | None = None  # first admission of any of its samples
         self.failed = False
 
     @property
@@ -180,6 +181,7 @@ class OutputProcessor:
             return []
         state.failed = True
         state.left = 0
+        self._finished(state, reason, time.monotonic())
         out = []
         for i, sample in enumerate(state.samples):
             if not sample.done:
@@ -195,6 +197,9 @@ class OutputProcessor:
             return
         req = state.request
         finish, error = o.finish_reason, o.error
+        if o.scheduled_time is not None and (state.scheduled_time is None
+                                             or o.scheduled_time < state.scheduled_time):
+            state.scheduled_time = o.scheduled_time
         tokens = tuple(o.token_ids)
         logprobs: tuple[TokenLogprob, ...] = ()
         if tokens:
@@ -207,9 +212,11 @@ class OutputProcessor:
             n = len(tokens)
             sample.num_tokens += n
             state.completion_tokens += n
+            self._metric("add_generation_tokens", n)
             if state.first_token_time is None:
                 state.first_token_time = now
                 self._metric("observe_ttft", now - req.arrival)
+                self._metric("add_prompt_tokens", len(req.prompt_ids))
             if sample.last_time is not None:
                 for _ in range(n):
                     self._metric("observe_itl", (now - sample.last_time) / n)
@@ -233,14 +240,30 @@ class OutputProcessor:
             step.completed.append(state)
             if finish not in ("error", "aborted", "cancelled", "deadline"):
                 self._metric("observe_e2e", now - req.arrival)
+            self._finished(state, finish, now)
         step.outputs.append((state, Output(request_id=req.request_id, index=index,
                                            token_ids=tokens, text=text, logprobs=logprobs,
                                            finish_reason=finish, error=error, usage=usage)))
 
-    def _metric(self, name: str, *args) -> None:
+    def _finished(self, state: RequestOutputs, finish: str, now: float) -> None:
+        """vLLM's per-request metrics: finish reason, and the request's time split into
+        queue (arrival -> first admission), prefill (-> first token) and decode (-> last)."""
+        req = state.request
+        scheduled, first = state.scheduled_time, state.first_token_time
+        if first is None:  # never produced a token: its prompt was not counted yet
+            self._metric("add_prompt_tokens", len(req.prompt_ids))
+        self._metric("observe_request", finish,
+                     queue=None if scheduled is None else max(scheduled - req.arrival, 0.0),
+                     prefill=None if scheduled is None or first is None
+                     else max(first - scheduled, 0.0),
+                     decode=None if first is None else now - first)
+
+    def _metric(self, name: str, *args, **kwargs) -> None:
         if self.metrics is not None:
             try:
-                getattr(self.metrics, name)(*args)
+                method = getattr(self.metrics, name, None)
+                if method is not None:  # a sink may implement only some of them
+                    method(*args, **kwargs)
             except Exception:  # a metrics bug must not stop serving
                 logger.exception("metrics.%s failed", name)
 
@@ -256,7 +279,9 @@ def _merge(group: Sequence[SampleOutput]) -> SampleOutput:
                         finish_reason=next((g.finish_reason for g in group if g.finish_reason),
                                            None),
                         error=next((g.error for g in group if g.error), None),
-                        cached_tokens=last.cached_tokens)
+                        cached_tokens=last.cached_tokens,
+                        scheduled_time=next((g.scheduled_time for g in group
+                                             if g.scheduled_time is not None), None))
 
 
 def _one_token(o: SampleOutput, i: int) -> SampleOutput:
@@ -265,7 +290,8 @@ def _one_token(o: SampleOutput, i: int) -> SampleOutput:
     return SampleOutput(o.request_id, o.index, o.token_ids[i: i + 1],
                         logprobs=None if o.logprobs is None else o.logprobs[i: i + 1],
                         finish_reason=o.finish_reason if last else None,
-                        error=o.error if last else None, cached_tokens=o.cached_tokens)
+                        error=o.error if last else None, cached_tokens=o.cached_tokens,
+                        scheduled_time=o.scheduled_time)
 
 
 def _token_logprob(row, token: int, k: int) -> TokenLogprob:

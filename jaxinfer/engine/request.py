@@ -112,6 +112,9 @@ class SampleOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    # time.monotonic() of the sample's first admission (None: not yet); one clock for every
+    # process of a host, so the front can compare it with `Request.arrival`
+    scheduled_time: float | None = None
 
 
 @dataclasses.dataclass

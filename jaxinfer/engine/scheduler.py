@@ -81,8 +81,15 @@ logger = logging.getLogger(__name__)
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
-ACCEPTANCE_PRIOR = (1.0, 1.0)  # (kept, rejected) drafts a new sequence's estimate starts from
+# Adaptive depth learns a sequence's acceptance only from the steps it speculates in, so the
+# estimate starts optimistic (0.8: a new sequence speculates and its own drafts decide) and,
+# while it decodes plainly, drifts back toward that prior (acceptance changes along a text; a
+# sequence that stopped speculating tries again every few dozen dispatches). With a 0.5 prior
+# the 1B shape at batch 64 never speculated, even at 0.9 acceptance (H200).
+ACCEPTANCE_PRIOR = (4.0, 1.0)  # (kept, rejected) drafts a new sequence's estimate starts from
 ACCEPTANCE_DECAY = 0.9  # weight of a sequence's history at each speculative step it runs
+ACCEPTANCE_RELAX = 0.97  # weight of it at each plain dispatch (the rest goes to the prior)
+COST_EMA = 0.2  # weight of each measured step in a tier's running cost
 
 
 @dataclasses.dataclass
@@ -99,6 +106,15 @@ class SpecPlan:
     @property
     def max_k(self) -> int:
         return self.tiers[-1]
+
+    def observe(self, k: int, batch: int, seconds: float) -> None:
+        """Fold a served step's measured seconds into tier k's cost at `batch`. Warm-up times
+        tiers on padding rows (no KV read, no host work), which under-counts real steps
+        unevenly across tiers (the 1B shape at batch 32 chose k = 1 at 0.5 acceptance and ran
+        at 0.77x plain); served steps correct it."""
+        key = (k, batch)
+        old = self.costs.get(key)
+        self.costs[key] = seconds if old is None else (1 - COST_EMA) * old + COST_EMA * seconds
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -134,6 +150,7 @@ class Sequence:
     __slots__ = (
         "deadline",
         "finish_reason",
+        "first_scheduled",
         "float_params",
         "ignore_eos",
         "index",
@@ -189,6 +206,7 @@ class Sequence:
         self.ignore_eos = request.ignore_eos
         self.finish_reason: FinishReason | None = None
         self.num_cached_tokens = -1  # prefix-cache hit at the first admission
+        self.first_scheduled: float | None = None  # time.monotonic() of the first admission
         self.num_preemptions = 0
         self.scheduled_step = -1
         self.parent = parent
@@ -422,6 +440,7 @@ class Scheduler:
                     break
                 if seq.num_cached_tokens < 0:
                     seq.num_cached_tokens = start
+                    seq.first_scheduled = time.monotonic()
                 self.kv.record_lookup(start, seq.num_tokens)
                 lookups.append((start, seq.num_tokens))
                 seq.slot = self._free_slots.pop()
@@ -651,6 +670,10 @@ class Scheduler:
                     # Give back the positions booked for drafts that were not kept.
                     seq.num_computed -= planned - len(ev.tokens)
                 continue
+            if self.spec is not None and self.spec.adaptive:
+                r, (pk, pr) = ACCEPTANCE_RELAX, ACCEPTANCE_PRIOR
+                seq.spec_kept = r * seq.spec_kept + (1 - r) * pk
+                seq.spec_rejected = r * seq.spec_rejected + (1 - r) * pr
             if seq.status != FINISHED and len(ev.tokens) < planned:
                 # The device stopped a row the host would not have: the two disagree on a
                 # stop rule. Never leave it running on a slot that no longer samples.

@@ -148,12 +148,13 @@ class Llama(nnx.Module):
         kernels: Kernels = "reference",
         unroll_layers: int | bool = 1,
         reduce_dtype: str | None = None,  # tp all-reduce dtype override (ops.tp_reduce_dtype)
+        rope_per_token: bool = False,  # dynamic RoPE as if each token came in its own step
     ) -> tuple[jax.Array, PagedKVCache]:
         """Run the decoder; returns the final-normed hidden states [B, T, D] and the cache."""
         x = self.embed_tokens(tokens, reduce_dtype=reduce_dtype)
         x, cache = self.run_layers(x, positions, cache, block_tables, seq_lens, slots,
                                    kernels=kernels, unroll_layers=unroll_layers,
-                                   reduce_dtype=reduce_dtype)
+                                   reduce_dtype=reduce_dtype, rope_per_token=rope_per_token)
         return self.norm(x), cache
 
     def embed_tokens(self, tokens: jax.Array, *, reduce_dtype: str | None = None) -> jax.Array:
@@ -173,12 +174,13 @@ class Llama(nnx.Module):
         kernels: Kernels = "reference",
         unroll_layers: int | bool = 1,
         reduce_dtype: str | None = None,
+        rope_per_token: bool = False,
     ) -> tuple[jax.Array, PagedKVCache]:
         """Run the layers this module holds on x [B, T, D]. Under pipeline parallelism that is
         one stage's share: its stacked weights and its cache hold only the stage's layers
         (`sharding/pipeline.py`), so the count comes from the arrays, not the config."""
         cfg = self.cfg
-        cos, sin = rope_angles(cfg, positions)
+        cos, sin = rope_angles(cfg, positions, per_token=rope_per_token)
 
         weights = self.layers.weights()
         # Quantized weights stay whole: their kernels read layer `layer` of the stack in place

@@ -6,8 +6,9 @@
     {"method": "package.module:factory", "num_speculative_tokens": K, ...}   (a plug-in)
 
 plus `"adaptive": true|false` (choose k per step among the tiers, `tiers`) and, for the
-verifier, `"acceptance": "rejection"` (lossless, the default) or `"typical"` (Medusa's typical
-acceptance: lossy, opt-in; `typical_threshold`, `typical_alpha`). Anything else is a
+verifier, `"acceptance": "rejection"` (lossless, the default), `"coupled"` (lossless, and a
+seeded row's tokens equal plain decoding's) or `"typical"` (Medusa's typical acceptance: lossy,
+opt-in; `typical_threshold`, `typical_alpha`). Anything else is a
 `ConfigError` with one line naming the key.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 from jaxinfer.errors import ConfigError
 
 BUILTIN_METHODS = ("draft_model", "ngram", "layer_skip", "synthetic")
-ACCEPTANCE = ("rejection", "typical")
+ACCEPTANCE = ("rejection", "coupled", "typical")
 MAX_SPECULATIVE_TOKENS = 7  # the verify step feeds 1 + k <= 8 query tokens per row
 DEFAULT_TIERS = (0, 1, 3, 7)
 

@@ -49,8 +49,12 @@ class DraftModelProposer(Proposer):
     uses_history = True
 
     def __init__(self, cfg, graphdef, params, *, engine_cfg, mesh, kernels: str,
-                 unroll_layers: int, name: str = "draft_model") -> None:
+                 unroll_layers: int, name: str = "draft_model", shared_noise: bool = False
+                 ) -> None:
         self.cfg, self.graphdef, self._params = cfg, graphdef, params
+        # Coupled verification keeps a draft that equals the target's own sample: drawn with
+        # the target's key at that position, the draft shares its noise and agrees more often.
+        self.shared_noise = shared_noise
         self.mesh = mesh
         self.kernels, self.unroll_layers = kernels, unroll_layers
         self.name = name
@@ -85,7 +89,8 @@ class DraftModelProposer(Proposer):
         if inputs.sampling is None:
             return greedy_tokens(logits), None
         q = sampling_probs(logits, inputs.sampling)
-        keys = jax.vmap(jax.random.key_data)(fold(inputs.keys, positions, DRAFT_SALT))
+        keys = (inputs.keys if self.shared_noise else
+                jax.vmap(jax.random.key_data)(fold(inputs.keys, positions, DRAFT_SALT)))
         tok = sample(logits, inputs.sampling, keys, positions, use_sampling=True)
         return tok, q
 
@@ -150,4 +155,5 @@ def make(spec: SpeculativeConfig, target: TargetInfo) -> DraftModelProposer:
                        spec.model, loaded.cfg.context_limit, target.engine_cfg.max_seq_len)
     return DraftModelProposer(loaded.cfg, loaded.graphdef, loaded.params,
                               engine_cfg=target.engine_cfg, mesh=target.mesh,
-                              kernels=target.kernels, unroll_layers=target.unroll_layers)
+                              kernels=target.kernels, unroll_layers=target.unroll_layers,
+                              shared_noise=spec.acceptance == "coupled")

@@ -35,4 +35,5 @@ def make(spec: SpeculativeConfig, target: TargetInfo) -> DraftModelProposer:
     params["layers"] = jax.tree.map(lambda x: x[:n], target.params["layers"])
     return DraftModelProposer(draft_cfg, graphdef, params, engine_cfg=target.engine_cfg,
                               mesh=target.mesh, kernels=target.kernels,
-                              unroll_layers=target.unroll_layers, name="layer_skip")
+                              unroll_layers=target.unroll_layers, name="layer_skip",
+                              shared_noise=spec.acceptance == "coupled")

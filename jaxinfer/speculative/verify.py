@@ -16,6 +16,12 @@ row a (a = drafts kept).
   min-p: `jaxinfer.sampling.sampling_probs`); q is the proposal's (one-hot for deterministic
   drafts). Each decision draws from a key of (row seed, position, salt), so a row's tokens
   never depend on its batch mates.
+- Sampling rows, `"coupled"` (lossless, opt-in): the target's token at each position is drawn
+  exactly as plain decoding draws it there (same filtered distribution, same key: the row's
+  seed folded with the position), and a draft is kept while it equals that token. The output
+  is plain seeded decoding token for token, whatever the depth, the batch or preemption did.
+  A draft is kept with probability p(d) for deterministic drafts, as with rejection; a draft
+  model samples with the target's key at the same position, so the two share their noise.
 - `"typical"` (opt-in, lossy; Medusa's typical acceptance, Cai et al. 2024): keep d while
   p(d) > min(epsilon, delta * exp(-H(p))), then sample from p.
 - `"synthetic"` (the bench's controlled acceptance, vLLM's synthetic rejection mode): keep each
@@ -28,8 +34,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.sampling import (SamplingParams, greedy_tokens, penalized, sampling_probs,
-                               whole_rows)
+from jaxinfer.sampling import (SamplingParams, greedy_tokens, penalized, sample,
+                               sampling_probs, whole_rows)
 from jaxinfer.speculative.api import Proposal, fold
 
 ACCEPT_SALT = 0x5EC0
@@ -142,6 +148,22 @@ def rejection_verify(probs: jax.Array, proposal: Proposal, keys: jax.Array,
     return a, _emit(proposal.tokens, a, last)
 
 
+def coupled_verify(scored: jax.Array, params: SamplingParams, proposal: Proposal,
+                   keys: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keep drafts while each equals the token plain decoding samples at its position (scored
+    [B, K1, V]: penalized logits; keys [B, 2] raw row keys; positions [B] = position of the
+    first emitted token). Returns (accepted [B], tokens [B, K1])."""
+    b, k1, v = scored.shape
+    rep = jax.tree.map(lambda x: jnp.repeat(x, k1, axis=0), params)
+    pos = (positions[:, None] + jnp.arange(k1, dtype=jnp.int32)[None, :]).reshape(-1)
+    target = sample(scored.reshape(b * k1, v), rep, jnp.repeat(keys, k1, axis=0), pos,
+                    use_sampling=True).reshape(b, k1)
+    d = proposal.tokens
+    a = _kept((d == target[:, :-1]) & _valid(proposal))
+    last = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
+    return a, _emit(d, a, last)
+
+
 def typical_verify(probs: jax.Array, proposal: Proposal, keys: jax.Array, positions: jax.Array,
                    *, threshold: float, alpha: float) -> tuple[jax.Array, jax.Array]:
     """Medusa's typical acceptance (lossy): keep d while p(d) > min(threshold,
@@ -159,7 +181,8 @@ def typical_verify(probs: jax.Array, proposal: Proposal, keys: jax.Array, positi
 
 
 def synthetic_verify(scored: jax.Array, proposal: Proposal, keys: jax.Array,
-                     positions: jax.Array, *, rate: float) -> tuple[jax.Array, jax.Array]:
+                     positions: jax.Array, *, rate: float | jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
     """Bench only: keep each valid draft with probability `rate`; emit the target's argmax of
     each row (row j's argmax for token j), so the step costs what a real one does."""
     b, k1, v = scored.shape
@@ -175,7 +198,7 @@ def verify(logits: jax.Array, proposal: Proposal, *, params: SamplingParams | No
            keys: jax.Array, positions: jax.Array, prompt_mask: jax.Array | None,
            counts: jax.Array | None, penalize: jax.Array | None, acceptance: str,
            full: bool, threshold: float = 0.09, alpha: float = 0.3,
-           rate: float = 0.0) -> tuple[jax.Array, jax.Array]:
+           rate: float | jax.Array = 0.0) -> tuple[jax.Array, jax.Array]:
     """(accepted [B], tokens [B, K1]) for raw target logits [B, K1, V] f32.
 
     `full` is static: False (an all-greedy batch without penalties) compares argmaxes only;
@@ -189,6 +212,8 @@ def verify(logits: jax.Array, proposal: Proposal, *, params: SamplingParams | No
     logits = whole_rows(logits.reshape(b * k1, v)).reshape(b, k1, v)
     scored = score_rows(logits, params, prompt_mask, counts, proposal.tokens, penalize)
     g_a, g_tok = greedy_verify(scored, proposal)
+    if acceptance == "coupled":  # greedy rows are plain decoding's argmax there too
+        return coupled_verify(scored, params, proposal, keys, positions)
     rep = jax.tree.map(lambda x: jnp.repeat(x, k1, axis=0), params)
     probs = sampling_probs(scored.reshape(b * k1, v), rep).reshape(b, k1, v)
     if acceptance == "typical":

@@ -70,12 +70,16 @@ def _hf_greedy(model, prompt: list[int]) -> tuple[list[int], np.ndarray]:
     return out[0, len(prompt):].tolist(), logits
 
 
-def _llm(model_dir) -> LLM:
+def _llm(model_dir, speculative: str | None = None) -> LLM:
     mesh = make_mesh("dp=1", devices=[__import__("jax").devices()[0]])
     loaded = load_model(str(model_dir), mesh=mesh, dtype="float32")
+    # Speculating engines compile one shape of each program (their test runs one batch).
+    small = speculative is not None
     engine = EngineConfig(page_size=4, num_pages=128, max_seq_len=64, dtype="float32",
-                          prefill_buckets=(8, 16), prefill_rows=(1, 4), batch_buckets=(1, 4),
-                          decode_steps=5)
+                          prefill_buckets=(16,) if small else (8, 16),
+                          prefill_rows=(4,) if small else (1, 4),
+                          batch_buckets=(4,) if small else (1, 4),
+                          decode_steps=5, speculative_config=speculative)
     return LLM.from_loaded(loaded, engine, mesh=mesh)
 
 
@@ -124,3 +128,24 @@ def test_converted_dir_greedy_tokens(case, tmp_path):
     llm = _llm(out)
     _check_logits(llm, expected)
     assert _greedy(llm, PROMPTS) == [t for t, _ in expected]
+
+
+# Speculation must not change greedy output on any architecture: verify steps feed 1 + k
+# tokens at once across RoPE scalings (dynamic RoPE depends on the length), a sliding window
+# and qkv biases. One proposer per case keeps the suite short.
+SPECULATIVE = {
+    "llama_dynamic_rope": '{"method": "layer_skip", "num_speculative_tokens": 3, "num_layers": 1}',
+    "mistral_sliding_window": '{"method": "layer_skip", "num_speculative_tokens": 5, '
+                              '"num_layers": 1}',
+    "qwen2_bias": '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1}',
+}
+
+
+def test_speculative_greedy_tokens_equal_transformers(case):
+    name, hf_dir, expected = case
+    if name not in SPECULATIVE:
+        pytest.skip("speculation is checked on one case per architecture feature")
+    llm = _llm(hf_dir, SPECULATIVE[name])
+    assert _greedy(llm, PROMPTS) == [t for t, _ in expected], name
+    assert llm.core.spec_counts["num_draft_tokens"] > 0
+    assert llm.pages_used() == 0

@@ -378,3 +378,26 @@ def test_64_running_sequences_decode_together():
             break
     assert full == 3
     sched.check()
+
+
+def test_adaptive_depth_follows_measured_costs_and_acceptance():
+    """choose_tier rates each tier by expected tokens per second; served steps' measured costs
+    overrule the warm-up's (a tier timed cheap but slow when served loses its rows)."""
+    from jaxinfer.engine.scheduler import (ACCEPTANCE_PRIOR, SpecPlan, choose_tier,
+                                           expected_tokens)
+
+    assert expected_tokens(0.5, 3) == 1 + 0.5 + 0.25 + 0.125
+    assert expected_tokens(1.0, 3) == 4.0 and expected_tokens(0.9, 0) == 1.0
+    plan = SpecPlan(tiers=(0, 1, 3), adaptive=True, plain_steps=4,
+                    costs={(0, 8): 4.0, (1, 8): 1.1, (3, 8): 1.5})
+    prior = ACCEPTANCE_PRIOR[0] / sum(ACCEPTANCE_PRIOR)
+    assert prior >= 0.75  # a new sequence speculates, so its own drafts can decide
+    assert choose_tier(plan, [prior] * 8, 8) == 3  # 2.95 tokens / 1.5 s beats 4 / 4 s
+    assert choose_tier(plan, [0.0] * 8, 8) == 0  # nothing kept: plain decoding
+    for _ in range(20):  # served k = 3 steps cost 4 s each: plain wins even at the prior
+        plan.observe(3, 8, 4.0)
+        plan.observe(1, 8, 4.0)
+    assert abs(plan.costs[(3, 8)] - 4.0) < 0.05
+    assert choose_tier(plan, [prior] * 8, 8) == 0
+    plan.observe(2, 16, 0.3)  # a shape never timed starts at its first measurement
+    assert plan.costs[(2, 16)] == 0.3

@@ -75,8 +75,16 @@ PROPOSERS = {
 @pytest.fixture(scope="module")
 def draft_llm():
     # 10 pages of 16 tokens for four sequences of up to ~50: some must be recomputed, so the
-    # draft-model run below also checks that preemption during speculation stays exact.
-    return _llm(PROPOSERS["draft_model"], num_pages=10)
+    # draft-model run below also checks that preemption during speculation stays exact. It
+    # verifies by coupling with adaptive depth, so seeded sampling must equal plain decoding
+    # token for token (test_coupled_...); fixed costs (not the CPU's timings, which would make
+    # the choice of depth vary from run to run) make it speculate at depth 1 or 3 by acceptance.
+    llm = _llm(PROPOSERS["draft_model"][:-1] + ', "acceptance": "coupled", "adaptive": true, '
+               '"tiers": [0, 1, 3]}', num_pages=10)
+    plan = llm.core.scheduler.spec
+    plan.costs = {(0, 4): 0.3, (1, 4): 0.35, (3, 4): 0.45}
+    plan.observe = lambda *a: None
+    return llm
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +146,34 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(self_llm
     assert llm.core.spec_counts["num_accepted_tokens"] > 0
 
 
+def test_coupled_sampling_equals_plain_seeded_decoding(plain, draft_llm):
+    """Coupled verification: seeded sampling rows equal plain decoding's token for token,
+    although depth changes from step to step and sequences are preempted."""
+    llm0, llm = plain[0], draft_llm
+    tok = llm.tokenizer
+
+    def requests(engine):
+        return [engine.request(tok.encode(p), max_tokens=n, sampling=SamplingOptions(
+            temperature=0.8, top_k=40 if i % 2 else 0, top_p=0.95, seed=11 + i,
+            presence_penalty=0.5 if i == 3 else 0.0))
+            for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+
+    before = dict(llm.core.spec_counts)
+    preempted = llm.core.scheduler.num_preemptions
+    assert _tokens(llm.generate(requests(llm))) == _tokens(llm0.generate(requests(llm0)))
+    assert llm.core.spec_counts["num_accepted_tokens"] > before["num_accepted_tokens"]
+    assert llm.core.scheduler.num_preemptions > preempted
+
+
 def test_adaptive_tiers_switch_depth_without_recompiling(plain):
     _, base, _, _ = plain
     llm = _llm('{"method": "ngram", "num_speculative_tokens": 3, "adaptive": true, '
                '"tiers": [0, 1, 3]}')
+    # Offline generation times the tiers itself when nobody did (the server's warm-up does).
+    plan = llm.core.scheduler.spec
+    plan.costs = {}
+    llm.generate([llm.request(llm.tokenizer.encode(PROMPTS[3]), max_tokens=2)])
+    assert sorted(plan.costs) == [(0, 4), (1, 4), (3, 4)] and min(plan.costs.values()) > 0
     # Costs that make the choice depend on each row's acceptance (plain: 1 token for 0.5;
     # k = 1 is 1.5 expected tokens for 0.7 at the prior, k = 3 wins once drafts are kept,
     # plain once they are not).

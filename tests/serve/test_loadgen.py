@@ -255,16 +255,17 @@ def test_plot_without_matplotlib_prints_notice(monkeypatch, capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_server():
-    port = _free_port()
+    port, http_port = _free_port(), _free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
     # Small buckets keep the CPU warm-up short.
     flags = ["--max-seq-len", "64", "--num-pages", "64", "--decode-steps", "2",
              "--dtype", "float32", "--batch-buckets", "8", "--prefill-buckets", "32",
              "--prefill-rows", "1", "--max-num-batched-tokens", "64"]
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", "dummy", "--host",
-                             "127.0.0.1", "--port", str(port), *flags], cwd=REPO, env=env,
+                             "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
+                             *flags], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    yield proc, f"127.0.0.1:{port}"
+    yield proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
     proc.terminate()
     try:
         proc.wait(30)
@@ -274,7 +275,7 @@ def real_server():
 
 
 def test_tiny_load_against_real_server(real_server, capsys):
-    proc, target = real_server
+    proc, target, _ = real_server
     rc = loadgen.main(["--target", target, "--rates", "20,inf", "--num-requests", "8",
                        "--prompt-len", "8", "--gen-len", "6", "--warmup", "1",
                        "--connect-timeout", "600"])  # returns once the server is up
@@ -296,3 +297,34 @@ def test_tiny_load_against_real_server(real_server, capsys):
         for m in ("ttft_ms", "tpot_ms", "e2e_ms"):
             assert 0 < by[(rate, f"{m}_p50")] <= by[(rate, f"{m}_p99")]
         assert by[(rate, "ttft_ms_p50")] <= by[(rate, "e2e_ms_p50")]
+
+
+def test_openai_backend_and_sharegpt_against_real_server(real_server, capsys, tmp_path):
+    """The same server over its OpenAI HTTP API: synthetic token-id prompts, then a ShareGPT
+    file whose gpt replies set each request's length (in the served model's tokens)."""
+    proc, target, base = real_server
+    rc = loadgen.main(["--backend", "openai", "--base-url", base, "--rates", "inf",
+                       "--num-requests", "4", "--prompt-len", "8", "--gen-len", "5",
+                       "--warmup", "0", "--connect-timeout", "600"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    by = {r["metric"]: r["value"] for r in _rows(cap.out)}
+    assert by["completed"] == 4 and by["failed"] == 0
+    assert by["output_tok_s"] == pytest.approx(4 * 5 / by["duration_s"], rel=1e-3)
+    assert by["input_tok_s"] == pytest.approx(4 * 8 / by["duration_s"], rel=1e-3)
+    assert 0 < by["ttft_ms_p50"] <= by["e2e_ms_p50"]
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "abc"}]},
+        {"conversations": [{"from": "system", "value": "x"}, {"from": "human", "value": "hi"},
+                           {"from": "gpt", "value": "abcdefg"}]},
+        {"conversations": [{"from": "human", "value": "no reply"}]},  # skipped
+    ]))
+    rc = loadgen.main(["--backend", "openai", "--base-url", base, "--rates", "inf",
+                       "--dataset", str(sharegpt), "--warmup", "0", "--connect-timeout", "60"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    by = {r["metric"]: r["value"] for r in _rows(cap.out)}
+    # the dummy model's byte tokenizer: replies of 3 and 7 bytes are 3 and 7 tokens
+    assert by["completed"] == 2
+    assert by["output_tok_s"] == pytest.approx((3 + 7) / by["duration_s"], rel=1e-3)

@@ -55,6 +55,7 @@ def test_two_process_server_serves_one_device_tokens(tmp_path):
             "--port", str(grpc_port), "--batch-buckets", "2", "--prefill-buckets", "16",
             "--prefill-rows", "1", "--max-num-batched-tokens", "16", "--decode-steps", "2",
             "--num-pages", "64",  # 4 programs per process: warm-up is what costs here
+            "--http-port", "0",
             "--coordinator", f"127.0.0.1:{coord}", "--num-processes", "2",
             "--step-port", str(_free_port())]
     logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]

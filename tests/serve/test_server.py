@@ -698,21 +698,56 @@ class _Lines:
                 self._cv.wait(left)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(base: str, path: str, body: dict | None = None):
+    """(status, response) of an HTTP call; a streamed body is returned open."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        r = urllib.request.urlopen(req, timeout=30)
+        return r.status, r
+    except urllib.error.HTTPError as e:
+        return e.code, e
+
+
 def test_sigterm_drains_then_exits_0():
+    """gRPC and the OpenAI HTTP API of one `python -m serve` (what --http-port and
+    --served-model-name set up): health of both through warm-up, serving and drain; streams
+    of both protocols in flight at SIGTERM finish."""
+    http_port = _free_port()
     cmd = [sys.executable, "-m", "serve", "--model", "dummy", "--port", "0", "--metrics-port",
            "0", "--max-seq-len", "512", "--num-pages", "64", "--batch-buckets", "4",
            "--prefill-buckets", "16", "--prefill-rows", "1",
-           "--max-num-batched-tokens", "16", "--page-buckets", "32"]
+           "--max-num-batched-tokens", "16", "--page-buckets", "32",
+           "--http-port", str(http_port), "--served-model-name", "tiny", "other-name"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
     lines = _Lines(proc.stderr)
+    base = f"http://127.0.0.1:{http_port}"
     try:
         port = lines.wait(r"listening on [\d.]+:(\d+)", 120).group(1)
+        lines.wait(r"HTTP \(OpenAI API\) on http://127\.0\.0\.1:" + str(http_port), 30)
+        http_health = [_http(base, "/health")[0]]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
             stub = pbg.GenerationStub(ch)
             statuses = [health.Check(health_pb2.HealthCheckRequest(), timeout=10).status]
             lines.wait(r"SERVING on 127\.0\.0\.1:" + port, 300)
             statuses.append(health.Check(health_pb2.HealthCheckRequest(), timeout=10).status)
+            http_health.append(_http(base, "/health")[0])
+            status, models = _http(base, "/v1/models")
+            assert [m["id"] for m in json.load(models)["data"]] == ["tiny", "other-name"]
+            completion = {"model": "other-name", "prompt": [1, 2, 3], "max_tokens": 300,
+                          "ignore_eos": True, "stream": True}
+            status, sse = _http(base, "/v1/completions", completion)
+            assert status == 200 and sse.readline().startswith(b"data: {")
             metrics_port = lines.wait(r"metrics on http://[\d.]+:(\d+)", 5).group(1)
             body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                           timeout=10).read().decode()
@@ -723,17 +758,24 @@ def test_sigterm_drains_then_exits_0():
             stream = stub.Generate(req, timeout=120)
             first = next(stream)
             proc.send_signal(signal.SIGTERM)
-            lines.wait(r"draining: 1 call\(s\) in flight", 30)  # it was still running
+            lines.wait(r"draining: 2 call\(s\) in flight", 30)  # gRPC and HTTP: still running
             _wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(),
                                            timeout=10).status == NOT_SERVING,
                       what="NOT_SERVING while draining")
             statuses.append(NOT_SERVING)
             code, details = _code(lambda: next(stub.Generate(req, timeout=10)))
             assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details, details
+            http_health.append(_http(base, "/health")[0])
+            status, refused = _http(base, "/v1/completions", {**completion, "stream": False})
+            assert status == 503 and "draining" in json.load(refused)["error"]["message"]
+            events = [x for x in sse.read().decode().split("\n\n") if x]
+            assert events[-1] == "data: [DONE]"
+            assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
             rest = list(stream)
         tokens = [t for m in [first, *rest] for t in m.token_ids]
         assert len(tokens) == 500 and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert statuses == [NOT_SERVING, SERVING, NOT_SERVING]
+        assert http_health == [503, 200, 503]
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
@@ -742,7 +784,7 @@ def test_sigterm_drains_then_exits_0():
 
 
 def test_sigterm_during_warm_up_exits_0_at_once():
-    cmd = [sys.executable, "-m", "serve", "--model", "dummy", "--port", "0"]
+    cmd = [sys.executable, "-m", "serve", "--model", "dummy", "--port", "0", "--http-port", "0"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
     lines = _Lines(proc.stderr)
     try:
@@ -763,7 +805,8 @@ def test_engine_core_death_ends_streams_unavailable_and_the_server_exits_1():
     mid-stream, every client gets UNAVAILABLE within 5 s and the server exits non-zero."""
     cmd = [sys.executable, "-m", "serve", "--model", "dummy", "--port", "0", "--max-seq-len",
            "512", "--num-pages", "64", "--batch-buckets", "4", "--prefill-buckets", "16",
-           "--prefill-rows", "1", "--max-num-batched-tokens", "16", "--decode-steps", "2"]
+           "--prefill-rows", "1", "--max-num-batched-tokens", "16", "--decode-steps", "2",
+           "--http-port", "0"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
     lines = _Lines(proc.stderr)
     try:

@@ -62,3 +62,27 @@ def test_sweep_bad_mesh_text(capsys):
     assert bench.main(ARGS + ["--meshes", "tp=2;qq=1"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "jaxinfer.bench: error: bad mesh item 'qq=1': expected dp=N, pp=N or tp=N"
+
+
+def test_acceptance_rate_sweep_reuses_the_compiled_programs(capsys):
+    """`--acceptance-rates` with the synthetic proposer: one row set per rate, the rate shows in
+    the measured acceptance (0 keeps nothing, 1 keeps every draft), later rates compile
+    nothing."""
+    spec = '{"method": "synthetic", "num_speculative_tokens": 2, "acceptance_rate": 0.5}'
+    code = bench.main(["--model", "dummy", "--batch", "1", "--prompt-len", "4", "--gen-len", "8",
+                       "--repeat", "1", "--dtype", "float32", "--speculative-config", spec,
+                       "--acceptance-rates", "0,1"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    by = {(json.loads(r["speculative"])["acceptance_rate"], r["metric"]): r["value"]
+          for r in _rows(out)}
+    assert by[(0.0, "spec_acceptance_rate")] == 0.0
+    assert by[(1.0, "spec_acceptance_rate")] == 1.0
+    assert by[(0.0, "compile_s")] > 0 and by[(1.0, "compile_s")] == 0.0
+    assert "acceptance" in err.splitlines()[0]
+
+
+def test_acceptance_rates_need_the_synthetic_proposer(capsys):
+    assert bench.main(["--model", "dummy", "--acceptance-rates", "0.5"]) == 1
+    assert capsys.readouterr().err.strip() == ('jaxinfer.bench: error: --acceptance-rates needs '
+                                               '--speculative-config with "method": "synthetic"')
