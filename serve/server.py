@@ -565,9 +565,16 @@ def _cancel_code(context) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+# A client cancels its call at its own deadline, which started before the server's (by the
+# headers' transit and the time the server took to read them), so a call cancelled this close
+# to the server's deadline ended by the deadline.
+DEADLINE_SLACK_S = 0.25
+
+
 def _end_reason(context) -> str:
     remaining = context.time_remaining()
-    return "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+    return ("deadline" if remaining is not None and remaining <= DEADLINE_SLACK_S
+            else "cancelled")
 
 
 def _serialize(msg) -> bytes:
