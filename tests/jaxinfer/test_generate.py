@@ -160,15 +160,24 @@ def test_cli_json_contract():
     assert out["finish_reason"] == "length"
 
 
+def test_cli_error_is_one_line_from_the_command():
+    r = _cli("--model", "no-such-model")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and "neither a directory, a bundled model (demo)" in lines[0], r.stderr
+
+
 @pytest.mark.parametrize("args,needle", [
-    (("--model", "no-such-model"), "neither a directory, a bundled model (demo)"),
     (("--model", "dummy", "--prompt-ids", "1,x"), "comma-separated integers"),
     (("--model", "dummy", "--prompt-ids", "1,2", "--temperature", "-1"), "temperature"),
     (("--model", "dummy", "--mesh", "tp=64"), "needs 64 devices"),
 ])
-def test_cli_errors_are_one_line(args, needle):
-    r = _cli(*args)
-    assert r.returncode == 1
-    assert "Traceback" not in r.stderr
-    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and needle in lines[0], r.stderr
+def test_cli_errors_are_one_line(args, needle, capsys):
+    """The same checks in this process (a command per case costs seconds of imports)."""
+    from jaxinfer import generate
+
+    assert generate.main(list(args)) == 1
+    err = capsys.readouterr().err
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
