@@ -35,7 +35,9 @@ from sharding.mesh import MeshSpec, make_mesh, parse_mesh  # noqa: E402
 from tests.jaxinfer.test_hf_parity import COMMON, PROMPTS  # noqa: E402
 
 NEW_TOKENS = 7  # 1 from prefill + 6 decoded, mostly in dispatches of 4 steps
-MESHES = ["tp=2", "tp=4", "tp=8", "pp=2", "pp=4", "dp=2,tp=2", "pp=2,tp=2"]
+# tp=2 splits the KV heads, tp=8 replicates them (tp > KV heads)
+MESHES = ["tp=2", "tp=8", "pp=2", pytest.param("pp=4", marks=pytest.mark.slow), "dp=2,tp=2",
+          "pp=2,tp=2"]
 MODELS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM",
               dict(num_key_value_heads=2, tie_word_embeddings=False)),
@@ -168,7 +170,7 @@ def test_eos_stops_rows_inside_the_pipeline(models):
     assert greedy(with_eos(make_generator(path, "dp=2,pp=2,tp=2"), eos)) == one
 
 
-@pytest.mark.parametrize("mesh_text", ["tp=2", "pp=2", "pp=2,tp=2"])
+@pytest.mark.parametrize("mesh_text", ["tp=2", pytest.param("pp=2,tp=2", marks=pytest.mark.slow)])
 def test_pallas_kernels_on_meshes(pallas_model, mesh_text, monkeypatch):
     """--kernels pallas on meshes: the attention kernels run (interpret mode here) per tp shard
     under tensor parallelism and on the local blocks under dp/pp, and the tokens stay exact."""
@@ -206,7 +208,7 @@ def test_pallas_kernels_on_meshes(pallas_model, mesh_text, monkeypatch):
     assert {(qh, kh) for _, qh, kh in traced} == {(8 // tp, 2 // tp)}, traced
 
 
-@pytest.mark.parametrize("mesh_text", ["tp=8", "pp=2,tp=2"])
+@pytest.mark.parametrize("mesh_text", ["tp=8", pytest.param("pp=2,tp=2", marks=pytest.mark.slow)])
 def test_qwen2_bias_mqa_tokens(models, mesh_text):
     path, want = models["qwen2_mqa_bias"]
     llm = make_generator(path, mesh_text)
@@ -246,7 +248,8 @@ def _program(llm: LLM, kind: str, **want) -> tuple[tuple, str]:
     return found[0]
 
 
-@pytest.mark.parametrize("mesh_text", ["tp=2", "tp=8", "pp=2,tp=2"])
+@pytest.mark.parametrize("mesh_text", ["tp=2", pytest.param("tp=8", marks=pytest.mark.slow),
+                                       "pp=2,tp=2"])
 def test_decode_hlo_collectives(models, mesh_text):
     """Megatron TP in the compiled multi-step decode program (one `lax.scan` over the steps,
     kept as one while loop, so its body is one decode step: every collective is in it): per
@@ -382,6 +385,7 @@ def test_cli_bad_distributed_flags(capsys):
     assert code == 1 and err.endswith("--process-id must be in [0, 2), got 2")
 
 
+@pytest.mark.slow  # dp engines: test_llama_tokens_and_shardings[dp=2,tp=2] in the gate
 def test_cli_dp_generates_like_one_device(capsys):
     """The CLI sizes pages and buckets for dp (3 prompts on dp=2: slots 0, 2 on replica 0)."""
     argv = ["--model", "dummy", "--prompt-ids", "256,72,105", "--prompt-ids", "256,9",
