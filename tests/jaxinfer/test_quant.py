@@ -263,6 +263,7 @@ def test_int8_and_fp8_stay_close_to_float(hf_llama):
         assert match >= min_match, mode
 
 
+@pytest.mark.slow  # the quantized kernels against their references: tests/pallas_kernels
 def test_pallas_and_reference_kernels_give_equal_greedy_tokens(hf_llama):
     """Untied lm_head is quantized too (int8), so the head goes through the kernel as well."""
     loaded = load_model(str(hf_llama), mesh=_one_device(), dtype="float32", quant="int8")
@@ -283,6 +284,7 @@ def _mean_nll(model_dir: Path, quant_mode: str | None) -> float:
     return float(-jnp.mean(jnp.take_along_axis(logp, jnp.asarray(ids[1:])[:, None], axis=-1)))
 
 
+@pytest.mark.slow  # the measured NLL cost (README); test_int8_and_fp8_stay_close_to_float gates
 @pytest.mark.parametrize("name", ["stories260K-hf", "babyllama-tok105-940K-hf"])
 def test_trained_model_nll_delta(name):
     path = MODELS / name

@@ -76,6 +76,12 @@ CASES = {
     "single_token_rows": Case(chunk=16, rows=((0, 1), (63, 1), (0, 0)), group=2),
 }
 
+# Cases whose features others already cover run with `pytest -m slow` (and on the GPU).
+SLOW_CASES = {"g16_gqa8_mqa", "int8_f32q", "window_g8_gqa4", "small_tiles", "unpacked_heads",
+              "bf16q_f32kv"}
+CASE_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n
+               for n in sorted(CASES)]
+
 
 def _poison(dtype: str) -> float:
     """What unused page slots hold: NaN where the dtype has one, else a large value."""
@@ -179,7 +185,7 @@ class FlashAttentionCases:
 
     INTERPRET = False
 
-    @pytest.mark.parametrize("name", sorted(CASES))
+    @pytest.mark.parametrize("name", CASE_PARAMS)
     def test_matches_reference(self, name):
         case = CASES[name]
         _skip_unless_supported(self.INTERPRET, case.kv_dtype)
@@ -194,6 +200,7 @@ class FlashAttentionCases:
         real = x["real"]
         np.testing.assert_allclose(got[real], want[real], atol=atol, rtol=rtol)
 
+    @pytest.mark.slow
     def test_same_result_for_every_tiling(self):
         """The tiling changes only float summation order, never which keys a query sees."""
         case = Case(page_size=8, group=4, rows=((0, 31), (29, 32), (0, 0)), window=17,

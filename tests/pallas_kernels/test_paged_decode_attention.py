@@ -70,6 +70,12 @@ CASES = {
     "default_tuning_d128": Case(head_dim=128, group=2, cfg=pda.DEFAULT),
 }
 
+# Cases whose features others already cover run with `pytest -m slow` (and on the GPU).
+SLOW_CASES = {"g8_mha_fp8_t4", "window_g8_t1", "one_split_combined_outside", "bf16q_f32kv_d64",
+              "g8_gqa4_int8_t4_f32q"}
+CASE_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n
+               for n in sorted(CASES)]
+
 
 def build(case: Case, seed: int) -> dict:
     """Random inputs for `case`: a poisoned pool for the kernel, a clean one for the reference,
@@ -167,7 +173,7 @@ class PagedDecodeAttentionCases:
 
     INTERPRET = False
 
-    @pytest.mark.parametrize("name", sorted(CASES))
+    @pytest.mark.parametrize("name", CASE_PARAMS)
     def test_matches_reference(self, name):
         case = CASES[name]
         skip_unless_supported(self.INTERPRET, case.kv_dtype)
@@ -181,6 +187,7 @@ class PagedDecodeAttentionCases:
         np.testing.assert_allclose(got[real], want[real], atol=_tolerance(case),
                                    rtol=_tolerance(case))
 
+    @pytest.mark.slow
     def test_same_result_for_every_tiling(self):
         """Blocks and splits change only the float summation order, never which keys a query
         sees (including empty splits: 6 splits over a 2-block sequence)."""

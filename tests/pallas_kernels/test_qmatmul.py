@@ -82,6 +82,13 @@ CASES = {
     "fp8_swap_ab_m40": Case("fp8", 40, transposed=True, cfg=SWAP),
 }
 
+# Cases whose features others already cover run with `pytest -m slow` (and on the GPU).
+SLOW_CASES = {"int8_m3_transposed", "int8_m16_f32", "int8_m200_small_tiles",
+              "int8_m64_g64_small_tiles_transposed", "int8_f16", "int8_out_f32",
+              "int8_swap_ab_m3_g64_t", "fp8_m16_transposed", "fp8_m64", "fp8_out_f32"}
+CASE_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n
+               for n in sorted(CASES)]
+
 
 def build(case: Case, seed: int) -> tuple[jax.Array, quant.QuantArray]:
     kx, kw = jax.random.split(jax.random.key(seed))
@@ -144,7 +151,7 @@ class QMatmulCases:
 
     INTERPRET = False
 
-    @pytest.mark.parametrize("name", sorted(CASES))
+    @pytest.mark.parametrize("name", CASE_PARAMS)
     def test_matches_reference(self, name):
         case = CASES[name]
         _skip_unless_supported(self.INTERPRET, case.kind)
@@ -166,6 +173,7 @@ class QMatmulCases:
         want = x_deq @ np.asarray(quant.dequantize(qa))
         np.testing.assert_allclose(_reference(case, x, qa), want, rtol=1e-5, atol=1e-4)
 
+    @pytest.mark.slow
     def test_same_result_for_every_tiling(self):
         """Tiles, split-K and the layout change only the float32 summation order."""
         _skip_unless_supported(self.INTERPRET, "int8")

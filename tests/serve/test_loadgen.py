@@ -274,6 +274,7 @@ def real_server():
         proc.wait()
 
 
+@pytest.mark.slow  # loadgen's parts are tested above without a server
 def test_tiny_load_against_real_server(real_server, capsys):
     proc, target, _ = real_server
     rc = loadgen.main(["--target", target, "--rates", "20,inf", "--num-requests", "8",

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 import jax
 
 from jaxinfer.config import EngineConfig
@@ -45,6 +46,7 @@ def _one_device_tokens() -> list[list[int]]:
     return [c[0].token_ids for c in llm.generate(reqs)]
 
 
+@pytest.mark.slow  # multi-host steps: tests/sharding/test_multihost.py in the gate
 def test_two_process_server_serves_one_device_tokens(tmp_path):
     want = _one_device_tokens()
     coord, grpc_port = _free_port(), _free_port()

@@ -97,6 +97,7 @@ def test_info_and_stats_cover_the_whole_server(two):
     assert two.stats()["replicas"] == 2 and two.num_recompiles == 0
 
 
+@pytest.mark.slow  # pp engines: tests/sharding/test_parallel_generate.py in the gate
 @pytest.mark.parametrize("mesh", ["pp=2", "pp=2,tp=2"])
 def test_pipeline_meshes_serve_the_one_device_tokens(one, mesh):
     _, want = one

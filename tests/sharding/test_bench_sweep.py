@@ -4,6 +4,8 @@ the devices or the model, and batches dp does not divide, become `skipped` rows,
 import builtins
 import json
 
+import pytest
+
 from jaxinfer import bench
 
 ARGS = ["--model", "dummy", "--batch", "1,2", "--prompt-len", "4", "--gen-len", "3",
@@ -14,6 +16,7 @@ def _rows(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()]
 
 
+@pytest.mark.slow  # four meshes in one bench run; its mesh errors and rate sweeps stay in the gate
 def test_sweep_rows_table_and_chart(capsys, tmp_path, monkeypatch):
     chart = tmp_path / "sweep.png"
     code = bench.main(ARGS + ["--meshes", "tp=1;dp=2,tp=2;tp=16;tp=3",

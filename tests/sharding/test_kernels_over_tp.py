@@ -37,7 +37,7 @@ def pool(rng, dtype):
 @pytest.mark.parametrize("t,kernel", [(1, "paged_decode_attention"),
                                       (16, "flash_prefill_attention")])
 @pytest.mark.parametrize("cache_dtype", ["float32", "int8"])
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_kernel_per_tp_shard_equals_reference(t, kernel, cache_dtype, tp, monkeypatch):
     rng = np.random.default_rng(t + tp)
     (k_pages, v_pages), (k_scale, v_scale) = pool(rng, cache_dtype)
