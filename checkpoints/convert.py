@@ -6,10 +6,11 @@
 
 Writes the params as safetensors in jaxinfer's own layout (`params/`, one tensor per layer of
 each stacked weight, streamed: see `convert`), `jaxinfer_config.json`,
-`jaxinfer_checkpoint.json`, and copies the tokenizer files. `--quant` quantizes the weights offline (`jaxinfer/quant.py`: int8 per output
-channel, int8 with groups of 64/128 along the contraction dim, or fp8 e4m3 per channel), from
-float32 copies of the HF tensors; everything else is stored in `--dtype`. The mode is recorded
-in `jaxinfer_checkpoint.json`, and `jaxinfer.generate --model OUT` loads it quantized.
+`jaxinfer_checkpoint.json`, and copies the tokenizer files. `--quant` quantizes the weights
+offline (`jaxinfer/quant.py`: int8 per output channel, int8 with groups of 64/128 along the
+contraction dim, or fp8 e4m3 per channel), from float32 copies of the HF tensors; everything
+else is stored in `--dtype`. The mode is recorded in `jaxinfer_checkpoint.json`, and
+`jaxinfer.generate --model OUT` loads it quantized.
 Everything is validated (config, tensor names, shapes, dtypes) before anything is written.
 Errors are one line on stderr, `checkpoints.convert: error: <message>`, with exit status 1 (2 for
 usage errors); success prints one summary line on stdout.
@@ -40,7 +41,7 @@ from checkpoints.quantize import quantize_host, stored_shapes, stored_table
 from checkpoints.safetensors_io import open_weights
 from checkpoints.safetensors_write import StreamWriter
 from jaxinfer.errors import CheckpointError, JaxinferError
-from jaxinfer.hf_cache import cached_snapshot, is_repo_id
+from jaxinfer.hf_cache import add_revision_arg, cached_snapshot, is_repo_id
 from jaxinfer.quant import QUANT_MODES, parse_quant
 
 logger = logging.getLogger(__name__)
@@ -64,12 +65,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=f"python -m {PROG}",
                 description="Convert a Hugging Face Llama/Mistral/Qwen2 directory to jaxinfer's "
-                            "orbax checkpoint format.")
+                            "checkpoint format (safetensors in its own layout).")
     p.add_argument("--hf-dir", required=True,
                    help="Hugging Face model directory, or a model id (ORG/NAME) in the local "
                         "Hugging Face cache (nothing is downloaded)")
-    p.add_argument("--revision", default=None,
-                   help="branch, tag or commit of an ORG/NAME --hf-dir (default main)")
+    add_revision_arg(p, "--hf-dir")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--dtype", default="bfloat16", choices=list(PARAM_DTYPES),
                    help="parameter dtype to store (default: bfloat16)")
@@ -132,10 +132,8 @@ def _slabs(m: llama.TensorMap, itemsize: int, chunk_bytes: int):
 
 
 def chunk_bytes_for(table: list[llama.TensorMap], itemsize: int) -> int:
-    """The piece size conversion works in: an eighth of the largest tensor (so a piece and its
-    transposed copy stay well under it), between 1 MiB and 64 MiB."""
-    largest = max(math.prod(m.shape) for m in table) * itemsize
-    return min(64 << 20, max(1 << 20, largest // 8))
+    """The piece size conversion works in (`llama.piece_bytes` of the largest tensor)."""
+    return llama.piece_bytes(max(math.prod(m.shape) for m in table) * itemsize)
 
 
 def convert(hf_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
@@ -220,8 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("checkpoints", "jaxinfer"):
             logging.getLogger(name).setLevel(logging.INFO)
     try:
-        summary = convert(resolve_hf_dir(args.hf_dir, args.revision), args.out, dtype=args.dtype, quant=args.quant,
-                          allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+        summary = convert(resolve_hf_dir(args.hf_dir, args.revision), args.out,
+                          dtype=args.dtype, quant=args.quant, allow_pickle=args.allow_pickle,
+                          overwrite=args.overwrite)
     except (JaxinferError, OSError) as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -174,11 +174,20 @@ def param_shapes(cfg: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
     return {m.path: m.param_shape for m in tensor_map(cfg)}
 
 
-def check_tensors(reader: WeightReader, cfg: ModelConfig) -> None:
-    """Fail before reading any data if a tensor is missing, mis-shaped or of a foreign dtype."""
+def piece_bytes(total_bytes: int) -> int:
+    """Bytes loading and conversion read per piece of a tensor of `total_bytes`: an eighth
+    (a piece and its transposed copy stay well under the tensor), between 1 MiB and 64 MiB."""
+    return min(64 << 20, max(1 << 20, total_bytes // 8))
+
+
+def check_table(reader: WeightReader, table: list[TensorMap],
+                dtypes: Mapping[str, np.dtype] = NUMPY_DTYPES) -> set[str]:
+    """Fail before reading any data if a tensor of `table` is missing, mis-shaped or of a
+    dtype outside `dtypes` (converted checkpoints also store int8 and fp8); returns the names
+    used."""
     available = reader.names()
     used: set[str] = set()
-    for m in tensor_map(cfg):
+    for m in table:
         for name in m.hf_names():
             if name not in available:
                 raise CheckpointError(f"tensor {name!r} is missing from the checkpoint "
@@ -187,10 +196,16 @@ def check_tensors(reader: WeightReader, cfg: ModelConfig) -> None:
             if info.shape != m.hf_shape:
                 raise CheckpointError(f"tensor {name!r} has shape {list(info.shape)}, expected "
                                       f"{list(m.hf_shape)} ({info.file.name})")
-            if info.dtype not in NUMPY_DTYPES:
+            if info.dtype not in dtypes:
                 raise unsupported_dtype(name, info)
             used.add(name)
-    _log_unused(sorted(available - used), cfg)
+    return used
+
+
+def check_tensors(reader: WeightReader, cfg: ModelConfig) -> None:
+    """`check_table` on a Hugging Face checkpoint; unused tensors are logged."""
+    used = check_table(reader, tensor_map(cfg))
+    _log_unused(sorted(reader.names() - used), cfg)
 
 
 def _log_unused(unused: list[str], cfg: ModelConfig) -> None:

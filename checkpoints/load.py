@@ -47,6 +47,7 @@ from checkpoints.orbax_io import (CHECKPOINT_FILE, CONFIG_FILE, PARAMS_DIR, chec
                                   flatten, read_checkpoint_info, restore_params, unflatten)
 from checkpoints.quantize import stored_shapes, stored_table
 from checkpoints.safetensors_io import WeightReader, open_weights
+from checkpoints.tensors import STORED_DTYPES
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.models.llama import quantized_weights
@@ -121,9 +122,9 @@ _SMALL_SHARD = 1 << 20  # bytes; smaller shards skip the on-device assembly
 
 
 def _piece_limit(shard_bytes: int) -> int:
-    """Bytes read per piece: an eighth of the shard (the transient stays small beside what
-    the device keeps), between 1 MiB and 64 MiB."""
-    return min(64 << 20, max(1 << 20, shard_bytes // 8))
+    """Bytes read per piece of a device's shard (the transient stays small beside what the
+    device keeps)."""
+    return llama.piece_bytes(shard_bytes)
 
 
 def _shard(reader: WeightReader, m: llama.TensorMap, index: tuple[slice, ...],
@@ -204,17 +205,6 @@ def _load_table(reader: WeightReader, table: list[llama.TensorMap], *, shardings
     return unflatten(flat)
 
 
-def _check_stored(reader: WeightReader, table: list[llama.TensorMap], where: Path) -> None:
-    for m in table:
-        for name in m.hf_names():
-            if name not in reader.names():
-                raise CheckpointError(f"{where}: tensor {name!r} is missing")
-            info = reader.info(name)
-            if info.shape != m.hf_shape:
-                raise CheckpointError(f"{where}: tensor {name!r} has shape {list(info.shape)}, "
-                                      f"expected {list(m.hf_shape)}")
-
-
 def load_params(model_dir: str | Path, cfg: ModelConfig, *, dtype: Any, shardings: dict,
                 allow_pickle: bool = False, progress: bool | None = None) -> dict:
     """Load the params pure dict of `jax.Array`s, each placed by its sharding.
@@ -244,7 +234,7 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, *, dtype: Any, sharding
         params_dir = model_dir / PARAMS_DIR
         table = stored_table(cfg, quant)
         reader = open_weights(params_dir)
-        _check_stored(reader, table, params_dir)
+        llama.check_table(reader, table, STORED_DTYPES)  # quantized ones hold int8 and fp8
         params = _load_table(reader, table, shardings=shardings, progress=progress,
                              dtypes={m.path: fixed.get(m.path, np_dtype) for m in table})
     elif is_converted(model_dir):
