@@ -54,6 +54,7 @@ import numpy as np
 from jaxinfer.config import EngineConfig, ModelConfig, resolve_model
 from jaxinfer.engine.llm import LLM
 from jaxinfer.errors import ConfigError, JaxinferError
+from jaxinfer.hf_cache import add_revision_arg
 from jaxinfer.model_loader import load_model_config
 from jaxinfer.quant import QUANT_MODES
 from jaxinfer.run_info import device_name, git_sha
@@ -421,9 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxinfer.bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="dummy", help="random-weight preset, bundled model (demo), "
                    "model directory or Hugging Face id (ORG/NAME, from the local cache)")
-    p.add_argument("--revision", default=None,
-                   help="branch, tag or commit of an ORG/NAME --model in the Hugging Face cache "
-                   "(default main)")
+    add_revision_arg(p)
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=256)

@@ -21,6 +21,7 @@ from jaxinfer.config import DEFAULT_MODEL, EngineConfig, resolve_model
 from jaxinfer.engine.llm import LLM
 from jaxinfer.engine.request import SamplingOptions
 from jaxinfer.errors import JaxinferError, RequestError
+from jaxinfer.hf_cache import add_revision_arg
 from jaxinfer.model_loader import load_model_config
 from jaxinfer.tokenizer import tokenizer_for_model
 from jaxinfer.quant import QUANT_MODES
@@ -37,9 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF or converted directory, a Hugging Face id (ORG/NAME, from the local "
                    "cache), a bundled model (demo: the default) or a random-weight preset "
                    "(dummy, llama-3.2-1b-shape, ...)")
-    p.add_argument("--revision", default=None,
-                   help="branch, tag or commit of an ORG/NAME --model in the Hugging Face cache "
-                   "(default main)")
+    add_revision_arg(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append",

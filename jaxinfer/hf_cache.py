@@ -28,6 +28,13 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+def add_revision_arg(parser, flag: str = "--model") -> None:
+    """`--revision REV` for a CLI whose `flag` may name a Hub id (every CLI's one definition)."""
+    parser.add_argument("--revision", default=None,
+                        help=f"branch, tag or commit of an ORG/NAME {flag} in the Hugging Face "
+                        f"cache (default {DEFAULT_REVISION})")
+
+
 def hub_cache_dir() -> Path:
     """The Hub cache directory huggingface_hub would use in this environment."""
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):

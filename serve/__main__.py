@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 from jaxinfer.config import DEFAULT_MODEL, QUANT_MODES, EngineConfig, ServeConfig, resolve_model
 from jaxinfer.errors import ConfigError, JaxinferError
+from jaxinfer.hf_cache import add_revision_arg
 from sharding import multihost
 
 logger = logging.getLogger("serve")
@@ -81,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cache; nothing is downloaded), a bundled model (demo: the default, trained "
                    "on the Python stdlib) or a random-weight preset (dummy, llama-3.2-1b-shape, "
                    "...)")
-    p.add_argument("--revision", default=None,
-                   help="branch, tag or commit of an ORG/NAME --model in the Hugging Face cache "
-                   "(default main)")
+    add_revision_arg(p)
     p.add_argument("--host", default=ServeConfig.host, help="address to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=ServeConfig.port,
                    help="port (default %(default)s; 0 picks a free one)")
