@@ -38,7 +38,8 @@ from jaxinfer import buckets
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.request import (FinishReason, Limits, Request, SampleOutput, StepStats,
                                      validate_request)
-from jaxinfer.engine.scheduler import Scheduler, SchedulerOutput, Sequence, SpecPlan
+from jaxinfer.engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from jaxinfer.engine.spec_plan import SpecPlan
 from jaxinfer.errors import ConfigError, RequestError
 from jaxinfer.kv_cache import memory_stats, page_bytes, size_pool
 from jaxinfer.runner import Runner
@@ -80,7 +81,8 @@ class EngineCore:
         if spec is not None:
             tiers = runner.spec_tiers()
             plan = SpecPlan(tiers=tiers, adaptive=spec.adaptive,
-                            plain_steps=self.engine_cfg.decode_steps)
+                            plain_steps=self.engine_cfg.decode_steps,
+                            catch_up=runner.proposer.catch_up)
         self.spec = spec
         self.scheduler = Scheduler(self.engine_cfg, eos_ids=self.model_cfg.eos_token_ids,
                                    spec=plan)

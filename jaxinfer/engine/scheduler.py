@@ -56,7 +56,7 @@ step may write) and gives back the difference when it reads the step. KV written
 positions is overwritten when the sequence reaches them, and only blocks of tokens known on the
 host (verified) enter the prefix cache. With `adaptive`, k is chosen per step to maximise
 expected tokens per second: each tier's measured step cost at the step's batch bucket against
-the tokens the running rows' acceptance estimates predict (`choose_tier`).
+the tokens the running rows' acceptance estimates predict (`jaxinfer/engine/spec_plan.py`).
 """
 
 from __future__ import annotations
@@ -76,79 +76,18 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.engine import packing
 from jaxinfer.engine.kv_pages import KVPages
 from jaxinfer.engine.request import FinishReason, Request
+from jaxinfer.engine.spec_plan import ROW_DECAY, RELAX, SpecPlan
 
 logger = logging.getLogger(__name__)
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
-
-# Adaptive depth learns a sequence's acceptance only from the steps it speculates in, so the
-# estimate starts optimistic (0.8: a new sequence speculates and its own drafts decide) and,
-# while it decodes plainly, drifts back toward that prior (acceptance changes along a text; a
-# sequence that stopped speculating tries again every few dozen dispatches). With a 0.5 prior
-# the 1B shape at batch 64 never speculated, even at 0.9 acceptance (H200).
-ACCEPTANCE_PRIOR = (4.0, 1.0)  # (kept, rejected) drafts a new sequence's estimate starts from
-ACCEPTANCE_DECAY = 0.9  # weight of a sequence's history at each speculative step it runs
-ACCEPTANCE_RELAX = 0.97  # weight of it at each plain dispatch (the rest goes to the prior)
-COST_EMA = 0.2  # weight of each measured step in a tier's running cost
-
-
-@dataclasses.dataclass
-class SpecPlan:
-    """Speculative decoding as the scheduler sees it: the compiled tiers and, for adaptive
-    depth, each tier's measured step seconds by decode batch bucket ({(k, B): s}; k = 0 is a
-    plain decode dispatch of `decode_steps` tokens)."""
-
-    tiers: tuple[int, ...]  # compiled speculative depths (0 = plain decode) ascending
-    adaptive: bool = False
-    costs: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
-    plain_steps: int = 1  # tokens per row of the plain decode dispatch costs[(0, B)] timed
-
-    @property
-    def max_k(self) -> int:
-        return self.tiers[-1]
-
-    def observe(self, k: int, batch: int, seconds: float) -> None:
-        """Fold a served step's measured seconds into tier k's cost at `batch`. Warm-up times
-        tiers on padding rows (no KV read, no host work), which under-counts real steps
-        unevenly across tiers (the 1B shape at batch 32 chose k = 1 at 0.5 acceptance and ran
-        at 0.77x plain); served steps correct it."""
-        key = (k, batch)
-        old = self.costs.get(key)
-        self.costs[key] = seconds if old is None else (1 - COST_EMA) * old + COST_EMA * seconds
-
-
-def expected_tokens(alpha: float, k: int) -> float:
-    """Tokens a speculative step of depth k emits per row when each draft is kept with
-    probability alpha independently of the others: 1 + alpha + ... + alpha^k."""
-    if k == 0:
-        return 1.0
-    if alpha >= 1.0:
-        return float(k + 1)
-    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
-
-
-def choose_tier(plan: SpecPlan, alphas: list[float], batch: int) -> int:
-    """The tier with the most expected tokens per second for rows of acceptance `alphas` at
-    decode bucket `batch`. Plain decoding (k = 0) is rated per token of its timed multi-step
-    dispatch (a one-token step beside prefill chunks costs it somewhat more per token)."""
-    best, best_rate = plan.tiers[0], -1.0
-    for k in plan.tiers:
-        cost = plan.costs.get((k, batch))
-        if cost is None or cost <= 0:
-            continue
-        tokens = (len(alphas) * plan.plain_steps if k == 0
-                  else sum(expected_tokens(a, k) for a in alphas))
-        rate = tokens / cost
-        if rate > best_rate:
-            best, best_rate = k, rate
-    return best
-
 
 class Sequence:
     """One sample of one request, as the scheduler tracks it."""
 
     __slots__ = (
         "deadline",
+        "draft_lag",
         "finish_reason",
         "first_scheduled",
         "float_params",
@@ -221,14 +160,10 @@ class Sequence:
         self.needs_full_sampler = packing.needs_full_sampler(self.float_params, self.int_params)
         self.deadline = request.deadline
         self.tag: object = None  # the engine core's per-request bookkeeping
-        self.spec_kept, self.spec_rejected = ACCEPTANCE_PRIOR  # decayed draft outcomes
+        self.spec_kept = self.spec_rejected = 0.0  # its own decayed draft outcomes
+        self.draft_lag = 0  # known tokens a proposer's own cache has not seen (`catch_up`)
         self.spec_inflight = 0  # dispatched speculative steps not read yet (upper bounds)
         self.live = False  # its device slot holds its last token (a sampling step was booked)
-
-    @property
-    def acceptance(self) -> float:
-        """Running estimate of the chance a draft token is kept (speculative decoding)."""
-        return self.spec_kept / (self.spec_kept + self.spec_rejected)
 
     @property
     def num_generated(self) -> int:
@@ -501,7 +436,8 @@ class Scheduler:
         if not rows:
             return 0
         batch = buckets.decode_shape(self.cfg, len(rows), 1)[0]
-        return choose_tier(plan, [s.acceptance for s in rows], batch)
+        return plan.choose([(plan.acceptance(s.spec_kept, s.spec_rejected), s.draft_lag)
+                            for s in rows], batch)
 
     @staticmethod
     def _slot_holds_last(seq: Sequence) -> bool:
@@ -643,6 +579,7 @@ class Scheduler:
         step's rows emit up to their planned count; `spec_stats` [>= B] (proposed, kept) per
         row update their acceptance estimates."""
         events = []
+        outcomes: list[tuple[int, int]] = []  # (proposed, kept) of a speculative step's rows
         if out.decode_seqs:
             cols = decode_tokens[:, : len(out.decode_seqs)].T.tolist()  # one list per row
         for i, seq in enumerate(out.decode_seqs):
@@ -659,9 +596,15 @@ class Scheduler:
             if out.spec_k:
                 if spec_stats is not None:
                     proposed, kept = (int(x) for x in spec_stats[i])
-                    d = ACCEPTANCE_DECAY
-                    seq.spec_kept = d * seq.spec_kept + kept
-                    seq.spec_rejected = d * seq.spec_rejected + (proposed > kept)
+                    outcomes.append((proposed, kept))
+                    if proposed:
+                        seq.spec_kept = ROW_DECAY * seq.spec_kept + kept
+                        seq.spec_rejected = ROW_DECAY * seq.spec_rejected + (proposed > kept)
+                        # The proposer saw all but the bonus token of a fully kept run.
+                        seq.draft_lag = int(len(ev.tokens) == out.spec_k + 1)
+                    elif self.spec.catch_up is not None:  # it only caught up
+                        seq.draft_lag = (max(seq.draft_lag - self.spec.catch_up, 0)
+                                         + len(ev.tokens))
                 if seq.status != FINISHED:
                     if not ev.tokens:
                         logger.error("speculative step returned no token for %r", seq)
@@ -670,21 +613,27 @@ class Scheduler:
                     # Give back the positions booked for drafts that were not kept.
                     seq.num_computed -= planned - len(ev.tokens)
                 continue
-            if self.spec is not None and self.spec.adaptive:
-                r, (pk, pr) = ACCEPTANCE_RELAX, ACCEPTANCE_PRIOR
-                seq.spec_kept = r * seq.spec_kept + (1 - r) * pk
-                seq.spec_rejected = r * seq.spec_rejected + (1 - r) * pr
+            if self.spec is not None and self.spec.adaptive:  # its evidence fades
+                seq.spec_kept *= RELAX
+                seq.spec_rejected *= RELAX
+                seq.draft_lag += len(ev.tokens)
             if seq.status != FINISHED and len(ev.tokens) < planned:
                 # The device stopped a row the host would not have: the two disagree on a
                 # stop rule. Never leave it running on a slot that no longer samples.
                 logger.error("device stopped %r early without a stop token", seq)
                 self._finish(seq, "error")
                 events.append(TokenEvent(seq, [], "error", False, i))
+        if self.spec is not None and self.spec.adaptive and out.decode_seqs:
+            if out.spec_k:
+                self.spec.record(outcomes)
+            else:
+                self.spec.relax()
         for i, seq in enumerate(out.prefill_seqs):
             seq.inflight -= 1
             if not out.prefill_sample[i] or seq.status == FINISHED:
                 continue
             seq.num_pending -= 1
+            seq.draft_lag = 0  # a proposer's prefill saw every token before the sampled one
             events.append(self._extend(seq, [int(prefill_tokens[i])], True, i))
         return events
 

@@ -95,6 +95,11 @@ class Proposer:
     uses_history = False  # the engine keeps every slot's tokens on device (ProposeInputs.history)
     draft_vocab: int | None = None  # a vocabulary the engine checks against the target's
     extra_page_bytes = 0  # per KV page the proposer's own cache adds (pool sizing)
+    # A proposer with a cache of its own that plain decode steps do not feed (a draft model)
+    # catches up at most this many tokens per speculative step and drafts nothing for a row
+    # further behind; adaptive depth rates such rows at one token. None: no lag (it reads
+    # the history).
+    catch_up: int | None = None
 
     def params(self) -> Any:
         """Device weights passed to every method (a pytree; {} for none)."""

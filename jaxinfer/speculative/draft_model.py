@@ -47,6 +47,7 @@ class DraftModelProposer(Proposer):
 
     name = "draft_model"
     uses_history = True
+    catch_up = CATCH_UP
 
     def __init__(self, cfg, graphdef, params, *, engine_cfg, mesh, kernels: str,
                  unroll_layers: int, name: str = "draft_model", shared_noise: bool = False

@@ -381,23 +381,52 @@ def test_64_running_sequences_decode_together():
 
 
 def test_adaptive_depth_follows_measured_costs_and_acceptance():
-    """choose_tier rates each tier by expected tokens per second; served steps' measured costs
-    overrule the warm-up's (a tier timed cheap but slow when served loses its rows)."""
-    from jaxinfer.engine.scheduler import (ACCEPTANCE_PRIOR, SpecPlan, choose_tier,
-                                           expected_tokens)
+    """SpecPlan.choose rates each tier by expected tokens per second; served steps' measured
+    costs overrule the warm-up's (a tier timed cheap but slow when served loses its rows)."""
+    from jaxinfer.engine.spec_plan import SPEC_MARGIN, SpecPlan, expected_tokens
 
     assert expected_tokens(0.5, 3) == 1 + 0.5 + 0.25 + 0.125
     assert expected_tokens(1.0, 3) == 4.0 and expected_tokens(0.9, 0) == 1.0
     plan = SpecPlan(tiers=(0, 1, 3), adaptive=True, plain_steps=4,
                     costs={(0, 8): 4.0, (1, 8): 1.1, (3, 8): 1.5})
-    prior = ACCEPTANCE_PRIOR[0] / sum(ACCEPTANCE_PRIOR)
-    assert prior >= 0.75  # a new sequence speculates, so its own drafts can decide
-    assert choose_tier(plan, [prior] * 8, 8) == 3  # 2.95 tokens / 1.5 s beats 4 / 4 s
-    assert choose_tier(plan, [0.0] * 8, 8) == 0  # nothing kept: plain decoding
+    prior = plan.acceptance(0.0, 0.0)  # a new row, before the engine has speculated
+    assert prior >= 0.75  # optimistic, so the engine tries
+    assert plan.choose([(prior, 0)] * 8, 8) == 3  # 2.95 tokens / 1.5 s beats 4 / 4 s
+    assert plan.choose([(0.0, 0)] * 8, 8) == 0  # nothing kept: plain decoding
     for _ in range(20):  # served k = 3 steps cost 4 s each: plain wins even at the prior
         plan.observe(3, 8, 4.0)
         plan.observe(1, 8, 4.0)
     assert abs(plan.costs[(3, 8)] - 4.0) < 0.05
-    assert choose_tier(plan, [prior] * 8, 8) == 0
+    assert plan.choose([(prior, 0)] * 8, 8) == 0
     plan.observe(2, 16, 0.3)  # a shape never timed starts at its first measurement
     assert plan.costs[(2, 16)] == 0.3
+    # Near break-even plain decoding wins: a tier must promise SPEC_MARGIN more.
+    even = SpecPlan(tiers=(0, 1), adaptive=True, plain_steps=1,
+                    costs={(0, 1): 1.0, (1, 1): 1.5 * SPEC_MARGIN ** 0.5})
+    assert even.choose([(0.5, 0)], 1) == 0  # 1.5 tokens for 1.5 * 1.015 s
+
+
+def test_adaptive_acceptance_is_learned_engine_wide():
+    """One speculative step of a full batch teaches the pool; a new row starts from the pool
+    (not from the optimistic prior); rows behind their proposer's catch-up count one token;
+    after many plain dispatches the pool drifts back and the engine tries again."""
+    from jaxinfer.engine.spec_plan import SpecPlan
+
+    costs = {(0, 32): 4 * 1.0, (3, 32): 2.3, (7, 32): 2.56}  # plain: 4 tokens per dispatch
+    plan = SpecPlan(tiers=(0, 3, 7), adaptive=True, plain_steps=4, costs=costs, catch_up=8)
+    assert plan.choose([(plan.acceptance(0, 0), 0)] * 32, 32) == 7  # optimistic start
+    # Each of 32 rows kept 1 of 7 drafts and rejected one: acceptance 0.5 on this traffic.
+    plan.record([(7, 1)] * 32 + [(0, 0)] * 5)  # rows that proposed nothing say nothing
+    assert abs(plan.pool_acceptance - 0.5) < 0.03
+    own = [(plan.acceptance(0.9, 0.9), 0)] * 31  # rows with their own evidence
+    new = (plan.acceptance(0.0, 0.0), 0)  # a row admitted now starts at the pool
+    assert abs(new[0] - plan.pool_acceptance) < 1e-9
+    assert plan.choose(own + [new], 32) == 0
+    # High acceptance, but every row lags its draft model by more than it catches up.
+    assert plan.choose([(0.95, 8)] * 32, 32) == 0
+    assert plan.choose([(0.95, 7)] * 32, 32) == 7
+    for n in range(1, 400):
+        plan.relax()
+        if plan.choose([(plan.acceptance(0, 0), 0)] * 32, 32):
+            break
+    assert 30 < n < 200, n  # explores again, but not at once
