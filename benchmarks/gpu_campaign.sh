@@ -274,7 +274,7 @@ step done
 # spec_pair: train the draft and target (as train_models, the demo's tokenizer from .corpus/tok),
 # then tok/s of the target with and without speculation on validation prompts (.corpus/val.txt:
 # the validation split's files, written on the dev machine; carry .corpus). Writes
-# spec_pair.jsonl (bench rows) and spec_pair_train.jsonl.
+# spec_pair.jsonl (bench rows) and spec_pair_train.jsonl. SPEC_PAIR_MODES picks the bench runs.
 spec_pair() {
   local work=${TRAIN_WORK:-/tmp/spec_pair} corpus=() t0
   local stdlib=${STDLIB:-.corpus/stdlib.tar.gz}
@@ -292,9 +292,12 @@ spec_pair() {
   local common=(--model "$work/target" --batch ${SPEC_BATCH:-1,8,32,64} --prompt-len 128
                 --gen-len 128 --repeat 2 --prompt-file .corpus/val.txt)
   local draft="{\"method\": \"draft_model\", \"model\": \"$work/draft\""
-  local ngram='{"method": "ngram", "num_speculative_tokens": 3}'
-  for cfg in "" "$draft, \"num_speculative_tokens\": 3}" \
-             "$draft, \"num_speculative_tokens\": 3, \"adaptive\": true}" "$ngram"; do
+  local -A cfgs=([plain]="" [draft]="$draft, \"num_speculative_tokens\": 3}"
+                 [draft_adaptive]="$draft, \"num_speculative_tokens\": 3, \"adaptive\": true}"
+                 [ngram]='{"method": "ngram", "num_speculative_tokens": 3}')
+  local mode cfg
+  for mode in ${SPEC_PAIR_MODES:-plain draft draft_adaptive ngram}; do  # a subset: device time
+    cfg=${cfgs[$mode]}
     step "bench target ${cfg:-plain}"
     timeout 150 $PY -m jaxinfer.bench "${common[@]}" ${cfg:+--speculative-config "$cfg"} \
       >>"$OUT/spec_pair.jsonl" 2>>"$OUT/spec_pair.err"

@@ -76,7 +76,7 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.engine import packing
 from jaxinfer.engine.kv_pages import KVPages
 from jaxinfer.engine.request import FinishReason, Request
-from jaxinfer.engine.spec_plan import ROW_DECAY, RELAX, SpecPlan
+from jaxinfer.engine.spec_plan import RELAX, ROW_DECAY, SpecPlan
 
 logger = logging.getLogger(__name__)
 
