@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import buckets
 from jaxinfer.config import EngineConfig, ModelConfig, resolve_model
 from jaxinfer.engine.llm import LLM
 from jaxinfer.errors import ConfigError, JaxinferError
@@ -292,6 +293,14 @@ def _bench_batch(args, llm: LLM, b: int, prompts, base: dict, rows: list[dict], 
         per_pos = [a - b0 for a, b0 in zip(spec1[3], spec0[3])]
         metrics += [(f"spec_accepted_pos{i}", v / max(drafts, 1), "fraction")
                     for i, v in enumerate(per_pos)]
+        plan = llm.core.scheduler.spec
+        if plan.adaptive:  # what adaptive depth chose, and the step costs it chose by
+            bucket = buckets.decode_shape(llm.core.engine_cfg, b // len(llm.cores), 1)[0]
+            metrics += [(f"spec_steps_k{k}", spec1[4][k] - spec0[4][k], "dispatches")
+                        for k in plan.tiers]
+            metrics += [(f"spec_cost_ms_k{k}", plan.costs[(k, bucket)] * 1e3, "ms")
+                        for k in plan.tiers if (k, bucket) in plan.costs]
+            metrics.append(("spec_pool_acceptance", plan.pool_acceptance, "fraction"))
     used = hbm_in_use([d for c in llm.cores for d in c.runner.mesh.local_devices])
     if used is not None:
         metrics.append(("hbm_in_use_gb", used / 1e9, "GB"))
@@ -306,13 +315,15 @@ def _bench_batch(args, llm: LLM, b: int, prompts, base: dict, rows: list[dict], 
 
 
 def _spec_totals(llm: LLM) -> tuple | None:
-    """(drafts, draft tokens, accepted, accepted per position) summed over the cores."""
+    """(drafts, draft tokens, accepted, accepted per position, decode dispatches per tier)
+    summed over the cores."""
     if llm.core.spec is None:
         return None
     cs = [c.spec_counts for c in llm.cores]
     per = [sum(c["accepted_per_pos"][i] for c in cs) for i in range(len(cs[0]["accepted_per_pos"]))]
+    tiers = {k: sum(c.tier_steps[k] for c in llm.cores) for k in llm.core.tier_steps}
     return (sum(c["num_drafts"] for c in cs), sum(c["num_draft_tokens"] for c in cs),
-            sum(c["num_accepted_tokens"] for c in cs), per)
+            sum(c["num_accepted_tokens"] for c in cs), per, tiers)
 
 
 def bench_generate(args, batch_sizes: list[int]) -> list[dict]:

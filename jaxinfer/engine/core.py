@@ -89,6 +89,8 @@ class EngineCore:
         # vLLM's speculative-decoding counters (the server exports them).
         self.spec_counts = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0,
                             "accepted_per_pos": [0] * (spec.k if spec else 0)}
+        # Decode dispatches per speculative tier (k = 0: plain), for the bench's diagnosis.
+        self.tier_steps: dict[int, int] = dict.fromkeys(runner.spec_tiers(), 0)
         # Per sample, when a caller asks (offline generation reports them per completion):
         # (request_id, index) -> [num_drafts, num_draft_tokens, num_accepted_tokens].
         self.spec_by_sample: dict[tuple[str, int], list[int]] | None = None
@@ -248,6 +250,8 @@ class EngineCore:
         if so.has_work:
             try:
                 handle = self._dispatch(so)
+                if so.decode_seqs and so.spec_k in self.tier_steps:
+                    self.tier_steps[so.spec_k] += 1
             except Exception as e:  # a step that cannot even be dispatched
                 sched.discard(so)
                 self._device_failure(e, outputs)
