@@ -130,5 +130,4 @@ class SpecPlan:
         if not rates:
             return self.tiers[0]
         plain = rates.get(0)
-        best = max(rates, key=lambda k: rates[k] / (SPEC_MARGIN if k and plain else 1.0))
-        return best
+        return max(rates, key=lambda k: rates[k] / (SPEC_MARGIN if k and plain else 1.0))
