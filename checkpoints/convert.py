@@ -34,6 +34,7 @@ import numpy as np
 from checkpoints import llama
 from checkpoints.dtypes import PARAM_DTYPES, dtype_name, to_numpy_dtype
 from checkpoints.hf_config import model_config_from_hf
+from checkpoints.load import checkpoint_quant
 from checkpoints.orbax_io import (CHECKPOINT_FILE, CONFIG_FILE, PARAMS_DIR, CheckpointInfo,
                                   write_checkpoint_info)
 from checkpoints.quantize import layout as quant_layout
@@ -155,6 +156,9 @@ def convert(hf_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
     spec = parse_quant(quant)
     _check_dirs(hf_dir, out, overwrite=overwrite)
     cfg = model_config_from_hf(hf_dir)
+    if checkpoint_quant(hf_dir) != "none":  # AWQ / GPTQ load directly; nothing to convert
+        raise CheckpointError(f"{hf_dir} holds int4 (AWQ/GPTQ) weights: load it directly with "
+                              "--model, or convert an unquantized checkpoint")
     reader = open_weights(hf_dir, allow_pickle=allow_pickle)
     llama.check_tensors(reader, cfg)  # before anything is written, so errors stay one line
     weights = quant_layout(cfg, quant)

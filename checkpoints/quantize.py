@@ -31,16 +31,17 @@ def layout(cfg: ModelConfig, quant: str) -> dict[ParamPath, tuple[int, int]]:
     return {} if spec is None else quantized_weights(cfg, spec.kind)
 
 
-def stored_shapes(cfg: ModelConfig, quant: str) -> tuple[dict[ParamPath, tuple[int, ...]],
-                                                         dict[ParamPath, np.dtype]]:
+def stored_shapes(cfg: ModelConfig, quant: str, g_idx_paths: frozenset = frozenset()
+                  ) -> tuple[dict[ParamPath, tuple[int, ...]], dict[ParamPath, np.dtype]]:
     """({flat path: shape}, {flat path: dtype} of the quantized entries) of a checkpoint
-    converted with `quant` ("none": the float parameters, no fixed dtypes)."""
+    converted with `quant` ("none": the float parameters, no fixed dtypes); `g_idx_paths`:
+    the weights with per-row groups (GPTQ act-order, `checkpoints.awq_gptq`)."""
     shapes = llama.param_shapes(cfg)
     spec = parse_quant(quant)
     if spec is None:
         return shapes, {}
     weights = quantized_weights(cfg, spec.kind)
-    structs = quantized_structs(shapes, weights, spec)
+    structs = quantized_structs(shapes, weights, spec, g_idx_paths)
     out = {p: s for p, s in shapes.items() if p not in weights}
     out.update({p: tuple(s.shape) for p, s in structs.items()})
     return out, {p: np.dtype(s.dtype) for p, s in structs.items()}

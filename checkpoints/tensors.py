@@ -24,6 +24,7 @@ STORED_DTYPES: dict[str, np.dtype] = {
     **NUMPY_DTYPES,
     "I8": np.dtype("i1"),
     "U8": np.dtype("u1"),  # int4 weights, two per byte
+    "I32": np.dtype("<i4"),  # AWQ / GPTQ packed int4 words and GPTQ's g_idx
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
 }
 

@@ -46,9 +46,11 @@ class LoadedModel:
 
 
 def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype,
-                    spec: QuantSpec | None = None) -> tuple[object, dict]:
+                    spec: QuantSpec | None = None,
+                    g_idx_paths: frozenset = frozenset()) -> tuple[object, dict]:
     """(graphdef, pure-dict tree of NamedShardings) for the model's parameters; with `spec`,
-    quantized weights are QuantArrays of shardings."""
+    quantized weights are QuantArrays of shardings (with a g_idx sharding for the weights in
+    `g_idx_paths`: GPTQ act-order, `checkpoints/awq_gptq.py`)."""
     check_model_fits(MeshSpec.of(mesh), cfg)  # one-line error before any weight is read
     abstract = llama.abstract_model(cfg, dtype=dtype)
     graphdef, _ = nnx.split(abstract)
@@ -57,7 +59,7 @@ def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype,
     if spec is not None:
         layout = llama.quantized_weights(cfg, spec.kind)
         _check_groups_split(nnx.split(abstract)[1], axes, layout, spec, rules, mesh)
-        axes = quantize_axes_tree(axes, layout, spec)
+        axes = quantize_axes_tree(axes, layout, spec, g_idx_paths)
     return graphdef, tree_shardings(mesh, axes, rules)
 
 
@@ -143,7 +145,8 @@ def load_model(model: str, *, mesh: jax.sharding.Mesh, dtype: str = "bfloat16", 
     if stored is not None and quant is not None and spec != stored:
         raise ConfigError(f"{path} holds {stored.name}-quantized weights; it cannot be loaded "
                           f"as --quant {quant} (convert the float model again instead)")
-    graphdef, shardings = param_shardings(cfg, mesh, jdtype, stored)
+    graphdef, shardings = param_shardings(cfg, mesh, jdtype, stored,
+                                          checkpoints.checkpoint_g_idx_paths(path))
     params = checkpoints.load_params(path, cfg, dtype=jdtype, shardings=shardings,
                                      allow_pickle=allow_pickle)
     if stored is None and spec is not None:

@@ -226,7 +226,9 @@ def linear(
     if w.kind == "int4":
         kw4 = dict(group=w.group, layer=kw["layer"], out_dtype=out_dtype)
         zero = matmul_zero(w)
-        if use_kernel:
+        if w.g_idx is not None:  # act-order groups: only the reference gathers per row
+            out = _int4.int4_matmul_reference(x2, q, scale, zero, g_idx=w.g_idx, **kw4)
+        elif use_kernel:
             out = _int4.int4_matmul(x2, q, scale, zero, **kw4, interpret=use_interpret())
         else:
             out = _int4.int4_matmul_reference(x2, q, scale, zero, **kw4)

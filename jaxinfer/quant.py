@@ -107,12 +107,15 @@ class QuantArray:
     group: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     out_dims: int = dataclasses.field(default=1, metadata=dict(static=True))  # len(O)
     transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    zero: Any = None  # int4 only: int8 zero points in 0..15, the scale's shape
+    zero: Any = None  # int4 only: int8 zero points in 0..15 (GPTQ's: 1..16), the scale's shape
+    # int4 from a GPTQ act-order checkpoint only: int32 [*B, K], the group of each row of K
+    # (groups are then not contiguous runs; None: row k is in group k // group).
+    g_idx: Any = None
 
     @property
     def nbytes(self) -> int:
         return int(self.q.nbytes + self.scale.nbytes
-                   + (0 if self.zero is None else self.zero.nbytes))
+                   + sum(0 if a is None else a.nbytes for a in (self.zero, self.g_idx)))
 
 
 # -- quantizers ---------------------------------------------------------------------------------
@@ -256,7 +259,8 @@ def dequantize(qa: QuantArray, dtype: Any = jnp.float32) -> jax.Array:
         cshape = (*qa.q.shape[nb + no:-1], 2 * qa.q.shape[-1])
         b, n, k = math.prod(bshape), math.prod(oshape), math.prod(cshape)
         w = dequantize_int4(qa.q.reshape(b, n, k // 2), qa.scale.reshape(b, -1, n),
-                            qa.zero.reshape(b, -1, n), qa.group)  # [B, N, K]
+                            qa.zero.reshape(b, -1, n), qa.group,
+                            g_idx=None if qa.g_idx is None else qa.g_idx.reshape(b, k))
         return jnp.swapaxes(w, 1, 2).reshape(*bshape, *cshape, *oshape).astype(dtype)
     q = qa.q
     if qa.transposed:  # [*B, *O, *C] -> [*B, *C, *O]
@@ -339,28 +343,37 @@ def quantize_params(params: Mapping, layout: Layout, spec: QuantSpec) -> dict:
                              for path, (b, c) in layout.items()})
 
 
-def quantized_axes(axes: tuple, spec: QuantSpec, *, batch: int, contract: int) -> QuantArray:
+def quantized_axes(axes: tuple, spec: QuantSpec, *, batch: int, contract: int,
+                   g_idx: bool = False) -> QuantArray:
     """Logical axes of the QuantArray of a weight whose axes are `axes` (a QuantArray whose q
-    and scale are axis-name tuples; `sharding.tree_shardings` maps it like any tree)."""
+    and scale are axis-name tuples; `sharding.tree_shardings` maps it like any tree).
+
+    With `g_idx` (a GPTQ act-order weight) the groups are scattered over K, so the group axis
+    of scale and zero is replicated, and g_idx [*B, K] is split like K's first axis: a shard
+    of a row-parallel weight looks up its own rows' groups in the whole scales, locally."""
     bax, cax, oax = _split_shape(tuple(axes), batch, contract)
     t = TRANSPOSED[spec.kind]
     q_axes = (*bax, *oax, *cax) if t else tuple(axes)
-    s_axes = (*bax, *oax) if spec.group is None else (*bax, cax[0], *oax)
+    s_axes = (*bax, *oax) if spec.group is None else (*bax, None if g_idx else cax[0], *oax)
     return QuantArray(q=q_axes, scale=s_axes, kind=spec.kind, group=spec.group,
                       out_dims=len(oax), transposed=t,
-                      zero=s_axes if spec.kind == "int4" else None)
+                      zero=s_axes if spec.kind == "int4" else None,
+                      g_idx=(*bax, cax[0]) if g_idx else None)
 
 
-def quantize_axes_tree(axes_tree: Mapping, layout: Layout, spec: QuantSpec) -> dict:
+def quantize_axes_tree(axes_tree: Mapping, layout: Layout, spec: QuantSpec,
+                       g_idx_paths: frozenset = frozenset()) -> dict:
     return replace_paths(axes_tree, {path: quantized_axes(_get(axes_tree, path), spec, batch=b,
-                                                     contract=c)
+                                                     contract=c, g_idx=path in g_idx_paths)
                                 for path, (b, c) in layout.items()})
 
 
 def quantized_structs(shapes: Mapping[ParamPath, tuple[int, ...]], layout: Layout,
-                      spec: QuantSpec) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+                      spec: QuantSpec, g_idx_paths: frozenset = frozenset()
+                      ) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     """Flat {path: ShapeDtypeStruct} of the stored (split) form: a quantized weight at path p
-    becomes p + ("q",) and p + ("scale",); other paths are left out."""
+    becomes p + ("q",) and p + ("scale",) (int4: also "zero", and "g_idx" [*B, K] int32 for
+    the paths in `g_idx_paths`); other paths are left out."""
     out: dict[ParamPath, jax.ShapeDtypeStruct] = {}
     for path, (b, c) in layout.items():
         qa = jax.eval_shape(lambda w, b=b, c=c: quantize(w, spec, batch=b, contract=c),
@@ -369,6 +382,10 @@ def quantized_structs(shapes: Mapping[ParamPath, tuple[int, ...]], layout: Layou
         out[(*path, "scale")] = qa.scale
         if qa.zero is not None:
             out[(*path, "zero")] = qa.zero
+        if path in g_idx_paths:
+            shape = shapes[path]
+            out[(*path, "g_idx")] = jax.ShapeDtypeStruct(
+                (*shape[:b], math.prod(shape[b:b + c])), jnp.int32)
     return out
 
 
@@ -376,8 +393,8 @@ def split_quant(tree: Any) -> Any:
     """Every QuantArray in a nested dict -> {"q": q, "scale": scale[, "zero": zero]} (the
     on-disk form)."""
     if isinstance(tree, QuantArray):
-        parts = {"q": tree.q, "scale": tree.scale}
-        return parts if tree.zero is None else {**parts, "zero": tree.zero}
+        parts = {"q": tree.q, "scale": tree.scale, "zero": tree.zero, "g_idx": tree.g_idx}
+        return {k: v for k, v in parts.items() if v is not None}
     if isinstance(tree, Mapping):
         return {k: split_quant(v) for k, v in tree.items()}
     return tree
@@ -389,11 +406,14 @@ def join_quant(tree: Mapping, layout: Layout, spec: QuantSpec) -> dict:
     for path, (b, c) in layout.items():
         node = _get(tree, path)
         parts = {"q", "scale", "zero"} if spec.kind == "int4" else {"q", "scale"}
+        if isinstance(node, Mapping) and spec.kind == "int4" and "g_idx" in node:
+            parts = parts | {"g_idx"}
         if not isinstance(node, Mapping) or set(node) != parts:
             raise ValueError(f"{'/'.join(path)}: expected a quantized {{{', '.join(sorted(parts))}}} "
                              "entry")
         ndim = len(node["q"].shape)
         updates[path] = QuantArray(q=node["q"], scale=node["scale"], kind=spec.kind,
                                    group=spec.group, out_dims=ndim - b - c,
-                                   transposed=TRANSPOSED[spec.kind], zero=node.get("zero"))
+                                   transposed=TRANSPOSED[spec.kind], zero=node.get("zero"),
+                                   g_idx=node.get("g_idx"))
     return replace_paths(tree, updates)

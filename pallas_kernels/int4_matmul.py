@@ -101,12 +101,18 @@ def unpack_int4(packed: jax.Array, group: int) -> jax.Array:
 
 
 def dequantize_int4(packed: jax.Array, scale: jax.Array, zero: jax.Array, group: int,
-                    dtype=jnp.float32) -> jax.Array:
+                    dtype=jnp.float32, *, g_idx: jax.Array | None = None) -> jax.Array:
     """The float weight [..., N, K] that packed [..., N, K / 2] with scale and zero
-    [..., G, N] (G = `num_groups(K, group)`) stand for."""
+    [..., G, N] (G = `num_groups(K, group)`) stand for. `g_idx` [..., K] int32 (GPTQ's
+    act-order) gives each row's group; without it row k is in group k // group."""
     q = unpack_int4(packed, group)  # [..., N, K]
     k = q.shape[-1]
-    rows = lambda a: jnp.swapaxes(jnp.repeat(a, group, axis=-2)[..., :k, :], -1, -2)  # noqa: E731
+    if g_idx is None:
+        def rows(a):  # [..., G, N] -> [..., N, K]
+            return jnp.swapaxes(jnp.repeat(a, group, axis=-2)[..., :k, :], -1, -2)
+    else:
+        def rows(a):
+            return jnp.swapaxes(jnp.take_along_axis(a, g_idx[..., :, None], axis=-2), -1, -2)
     w = (q - rows(zero.astype(jnp.int32))).astype(jnp.float32) * rows(scale.astype(jnp.float32))
     return w.astype(dtype)
 
@@ -123,7 +129,7 @@ def _layer_of(w, scale, zero, layer):
     return w, scale, zero
 
 
-def _check(x, w_q, scale, zero, group) -> tuple[int, int, int]:
+def _check(x, w_q, scale, zero, group, has_g_idx: bool = False) -> tuple[int, int, int]:
     if x.ndim != 2 or w_q.ndim not in (2, 3):
         raise ValueError(f"x must be 2-D and w_q 2-D (or 3-D stacked), got {x.shape} and "
                          f"{w_q.shape}")
@@ -139,7 +145,8 @@ def _check(x, w_q, scale, zero, group) -> tuple[int, int, int]:
     lead = w_q.shape[:1] if w_q.ndim == 3 else ()
     want = (*lead, num_groups(k, group), n)
     for name, a in (("scale", scale), ("zero", zero)):
-        if tuple(a.shape) != want:
+        if tuple(a.shape) != want and not (has_g_idx and a.shape[:len(lead)] == lead
+                                           and a.shape[-1] == n):
             raise ValueError(f"{name} must be {list(want)}, got {list(a.shape)}")
     return m, k, n
 
@@ -153,12 +160,15 @@ def int4_matmul_reference(
     group: int,
     layer: jax.Array | int | None = None,  # int32 scalar: which layer of a stacked weight
     out_dtype=None,
+    g_idx: jax.Array | None = None,  # [K] int32 ([L, K] stacked): GPTQ act-order row groups
 ) -> jax.Array:
     """x @ dequantize_int4(w_q, scale, zero).T with float32 accumulation -> [M, N] in
-    `out_dtype` (default x's dtype)."""
-    _check(x, w_q, scale, zero, group)
+    `out_dtype` (default x's dtype). The kernel has no `g_idx`: act-order weights run here."""
+    _check(x, w_q, scale, zero, group, g_idx is not None)
+    if g_idx is not None and w_q.ndim == 3:
+        g_idx = g_idx[layer]
     w_q, scale, zero = _layer_of(w_q, scale, zero, layer)
-    w = dequantize_int4(w_q, scale, zero, group)  # [N, K] f32
+    w = dequantize_int4(w_q, scale, zero, group, g_idx=g_idx)  # [N, K] f32
     acc = jnp.dot(x.astype(jnp.float32), w.T, precision=lax.Precision.HIGHEST)
     return acc.astype(out_dtype or x.dtype)
 
