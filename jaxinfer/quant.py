@@ -206,7 +206,9 @@ def _int4_codes(w3: jax.Array, group: int) -> tuple[jax.Array, jax.Array, jax.Ar
         better = e_ < best
         scale, zero, best = (jnp.where(better, s_, scale), jnp.where(better, z_, zero),
                              jnp.minimum(e_, best))
-    rows = lambda a: jnp.repeat(a, group, axis=1)[:, :k]  # noqa: E731  [B, G, N] -> [B, K, N]
+    def rows(a):  # [B, G, N] -> [B, K, N]
+        return jnp.repeat(a, group, axis=1)[:, :k]
+
     q = jnp.clip(jnp.round(w3 / rows(scale)) + rows(zero), 0, INT4_MAX)
     return pack_int4(jnp.swapaxes(q, 1, 2), group), scale, zero.astype(jnp.int8)
 

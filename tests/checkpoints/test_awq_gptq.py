@@ -22,9 +22,9 @@ import jax
 import numpy as np
 import pytest
 
+from jaxinfer import ops
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.llm import LLM
-from jaxinfer import ops
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.model_loader import load_model
 from jaxinfer.quant import QuantArray
