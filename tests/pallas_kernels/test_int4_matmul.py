@@ -1,7 +1,7 @@
 """The group-wise int4 matmul kernel against its reference, and the int4 packing.
 
-Weights are quantized from N(0, 0.02) by `jaxinfer.quant.quantize_int4` (realistic scales and
-zero points); x ~ N(0, 1). Cases: decode M (1, one row tile padded by masked loads), several row
+Operands are drawn directly (uniform codes and zero points in 0..15, scales of a N(0, 0.02)
+weight's size); x ~ N(0, 1). Cases: decode M (1, one row tile padded by masked loads), several row
 tiles (M = 40 with 16-row tiles), a stacked weight read at a traced layer index, ragged N (a
 masked column tail), a short last group (K = 448 = 3 x 128 + 64, the demo model's FFN) and one
 whose half is not a power of two (K = 172, group 64: a 22-byte half loaded 32 wide, masked),
@@ -50,17 +50,16 @@ CASES = {
 
 
 def build(case: Case, seed: int):
-    kx, kw = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (case.m, case.k), jnp.float32).astype(case.x_dtype)
-    shape = (case.k, case.n) if case.layers is None else (case.layers, case.k, case.n)
-    w = jax.random.normal(kw, shape, jnp.float32) * 0.02
-    qa = quant.quantize_int4(w, group=case.group, batch=0 if case.layers is None else 1)
-    return x, qa
-
-
-def _operands(qa):
-    q, scale = quant.matmul_operands(qa, 1)
-    return q, scale, quant.matmul_zero(qa)
+    """x and the kernel operands (packed codes, scales, zero points) drawn directly: uniform
+    codes and zero points in 0..15, scales like a N(0, 0.02) weight's (range / 15)."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((case.m, case.k)), jnp.float32).astype(case.x_dtype)
+    lead = () if case.layers is None else (case.layers,)
+    g = k4.num_groups(case.k, case.group)
+    q = k4.pack_int4(jnp.asarray(rng.integers(0, 16, (*lead, case.n, case.k))), case.group)
+    scale = jnp.asarray(rng.uniform(0.005, 0.012, (*lead, g, case.n)), jnp.float32)
+    zero = jnp.asarray(rng.integers(0, 16, (*lead, g, case.n)), jnp.int8)
+    return x, (q, scale, zero)
 
 
 def test_pack_unpack_round_trip():
@@ -79,15 +78,20 @@ def test_pack_unpack_round_trip():
 
 
 def test_reference_is_the_numpy_dequantized_product():
+    """Against numpy, and against `jaxinfer.quant.dequantize` of a quantized weight (the same
+    unpacking the model's weights go through)."""
     case = Case(4, k=448, n=40, x_dtype="float32")
-    x, qa = build(case, seed=1)
-    q, s, z = _operands(qa)
+    x, (q, s, z) = build(case, seed=1)
     rows = np.arange(case.k) // case.group
     codes = np.asarray(k4.unpack_int4(q, case.group))  # [N, K]
     w = (codes - np.asarray(z)[rows].T) * np.asarray(s)[rows].T  # [N, K]
     got = k4.int4_matmul_reference(x, q, s, z, group=case.group)
     np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ w.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(w.T, np.asarray(quant.dequantize(qa)), rtol=1e-6, atol=1e-8)
+    qa = quant.quantize_int4(jnp.asarray(w.T, jnp.float32), group=case.group)
+    q2, s2 = quant.matmul_operands(qa, 1)
+    np.testing.assert_allclose(np.asarray(k4.dequantize_int4(q2, s2, quant.matmul_zero(qa),
+                                                            case.group)).T,
+                               np.asarray(quant.dequantize(qa)), rtol=1e-6, atol=1e-8)
 
 
 class Int4MatmulCases:
@@ -106,8 +110,7 @@ class Int4MatmulCases:
     def test_matches_reference(self, name):
         self._skip()
         case = CASES[name]
-        x, qa = build(case, seed=zlib.crc32(name.encode()))
-        q, s, z = _operands(qa)
+        x, (q, s, z) = build(case, seed=zlib.crc32(name.encode()))
         layer = None if case.layers is None else case.layers - 1
         run = jax.jit(lambda x, q, s, z, i: k4.int4_matmul(
             x, q, s, z, group=case.group, layer=i, cfg=case.cfg, interpret=self.INTERPRET))
