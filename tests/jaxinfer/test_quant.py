@@ -318,12 +318,13 @@ def test_int8_and_fp8_stay_close_to_float(hf_llama):
 
 
 @pytest.mark.slow  # the quantized kernels against their references: tests/pallas_kernels
-def test_pallas_and_reference_kernels_give_equal_greedy_tokens(hf_llama):
+@pytest.mark.parametrize("mode", ["int8", "int4-g128"])  # (test_int4_matmul, test_qmatmul gate)
+def test_pallas_and_reference_kernels_give_equal_greedy_tokens(hf_llama, mode):
     """Untied lm_head is quantized too (int8), so the head goes through the kernel as well."""
-    loaded = load_model(str(hf_llama), mesh=_one_device(), dtype="float32", quant="int8")
-    assert isinstance(loaded.params["lm_head"], QuantArray)
+    loaded = load_model(str(hf_llama), mesh=_one_device(), dtype="float32", quant=mode)
+    assert isinstance(loaded.params["lm_head"], QuantArray) == (mode == "int8")
     ref, pal = _llm(loaded, "reference"), _llm(loaded, "pallas")
-    assert ref.quant == pal.quant == "int8"
+    assert ref.quant == pal.quant == mode
     a = _greedy(ref, PROMPT, 12)
     assert len(a) == 12 and _greedy(pal, PROMPT, 12) == a
 
