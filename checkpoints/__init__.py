@@ -7,6 +7,8 @@ sharding.
 """
 
 from checkpoints.hf_config import model_config_from_hf
-from checkpoints.load import checkpoint_quant, load_model_config, load_params
+from checkpoints.load import (checkpoint_g_idx_paths, checkpoint_quant, load_model_config,
+                              load_params)
 
-__all__ = ["checkpoint_quant", "load_model_config", "load_params", "model_config_from_hf"]
+__all__ = ["checkpoint_g_idx_paths", "checkpoint_quant", "load_model_config", "load_params",
+           "model_config_from_hf"]

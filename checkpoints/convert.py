@@ -2,13 +2,13 @@
 
     python -m checkpoints.convert --hf-dir DIR|ORG/NAME [--revision REV] --out DIR
         [--dtype bfloat16|float16|float32]
-        [--quant none|int8|int8-g64|int8-g128|fp8] [--allow-pickle] [--overwrite] [-v]
+        [--quant none|int8|int8-g64|int8-g128|fp8|int4-g128] [--allow-pickle] [--overwrite] [-v]
 
 Writes the params as safetensors in jaxinfer's own layout (`params/`, one tensor per layer of
 each stacked weight, streamed: see `convert`), `jaxinfer_config.json`,
 `jaxinfer_checkpoint.json`, and copies the tokenizer files. `--quant` quantizes the weights
 offline (`jaxinfer/quant.py`: int8 per output channel, int8 with groups of 64/128 along the
-contraction dim, or fp8 e4m3 per channel), from float32 copies of the HF tensors; everything
+contraction dim, fp8 e4m3 per channel, or int4 with groups of 128 and zero points), from float32 copies of the HF tensors; everything
 else is stored in `--dtype`. The mode is recorded in `jaxinfer_checkpoint.json`, and
 `jaxinfer.generate --model OUT` loads it quantized.
 Everything is validated (config, tensor names, shapes, dtypes) before anything is written.
@@ -34,6 +34,7 @@ import numpy as np
 from checkpoints import llama
 from checkpoints.dtypes import PARAM_DTYPES, dtype_name, to_numpy_dtype
 from checkpoints.hf_config import model_config_from_hf
+from checkpoints.load import checkpoint_quant
 from checkpoints.orbax_io import (CHECKPOINT_FILE, CONFIG_FILE, PARAMS_DIR, CheckpointInfo,
                                   write_checkpoint_info)
 from checkpoints.quantize import layout as quant_layout
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtype to store (default: bfloat16)")
     p.add_argument("--quant", default="none", choices=list(QUANT_MODES),
                    help="weight quantization: int8 (per channel), int8-g64/int8-g128 "
-                        "(group-wise), fp8 (e4m3 weights, W8A8 at run time); default none")
+                        "(group-wise), fp8 (e4m3 weights, W8A8 at run time), int4-g128 (group-wise "
+                        "int4 with zero points); default none")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin pickle weights (unpickling can run code)")
     p.add_argument("--overwrite", action="store_true",
@@ -154,6 +156,9 @@ def convert(hf_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
     spec = parse_quant(quant)
     _check_dirs(hf_dir, out, overwrite=overwrite)
     cfg = model_config_from_hf(hf_dir)
+    if checkpoint_quant(hf_dir) != "none":  # AWQ / GPTQ load directly; nothing to convert
+        raise CheckpointError(f"{hf_dir} holds int4 (AWQ/GPTQ) weights: load it directly with "
+                              "--model, or convert an unquantized checkpoint")
     reader = open_weights(hf_dir, allow_pickle=allow_pickle)
     llama.check_tensors(reader, cfg)  # before anything is written, so errors stay one line
     weights = quant_layout(cfg, quant)
@@ -178,8 +183,8 @@ def convert(hf_dir: str | Path, out: str | Path, *, dtype: str = "bfloat16",
                     b, c = weights[m.path]
                     whole = tuple(slice(None) for _ in m.shape)
                     value = np.asarray(llama.read_region(reader, hf_name, m, whole), np.float32)
-                    q, scale = quantize_host(value, spec, batch=b - len(layer), contract=c)
-                    for part, x in (("q", q), ("scale", scale)):
+                    parts = quantize_host(value, spec, batch=b - len(layer), contract=c)
+                    for part, x in parts.items():
                         x = np.asarray(x)
                         writer.write("/".join([*m.path, part, *layer]),
                                      tuple(slice(None) for _ in x.shape), x)

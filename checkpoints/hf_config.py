@@ -124,8 +124,10 @@ def _check_unsupported_features(f: _Fields, family: str) -> None:
     quant = f.data.get("quantization_config")
     if quant is not None:
         method = quant.get("quant_method") if isinstance(quant, dict) else quant
-        raise f.error("quantization_config", f"(quant_method {method!r}) is not supported; "
-                                             "convert an unquantized checkpoint")
+        # AWQ and GPTQ int4 load (checkpoints/awq_gptq.py validates the rest of it).
+        if method not in ("awq", "gptq"):
+            raise f.error("quantization_config", f"(quant_method {method!r}) is not supported "
+                          "(awq and gptq int4 are); convert an unquantized checkpoint")
 
 
 def _number(scaling: dict, field: str, where: str, default: float | None = None) -> float:

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints import llama
+from checkpoints import awq_gptq, llama
 from checkpoints.dtypes import to_numpy_dtype
 from checkpoints.hf_config import model_config_from_hf
 from checkpoints.orbax_io import (CHECKPOINT_FILE, CONFIG_FILE, PARAMS_DIR, check_recorded_shapes,
@@ -85,11 +85,18 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
 
 
 def checkpoint_quant(model_dir: str | Path) -> str:
-    """The quantization a model directory holds: "none" for Hugging Face and float ones."""
+    """The quantization a model directory holds: "none" for float ones, "int4-g128" for AWQ
+    and GPTQ Hugging Face checkpoints (`checkpoints/awq_gptq.py`)."""
     if not is_converted(model_dir):
-        return "none"
+        return "int4-g128" if awq_gptq.read_format(model_dir) is not None else "none"
     info = read_checkpoint_info(model_dir)
     return "none" if info is None else info.quant
+
+
+def checkpoint_g_idx_paths(model_dir: str | Path) -> frozenset[tuple[str, ...]]:
+    """The quantized weights that keep per-row groups (GPTQ act-order checkpoints)."""
+    fmt = None if is_converted(model_dir) else awq_gptq.read_format(model_dir)
+    return frozenset() if fmt is None else fmt.g_idx_paths
 
 
 def _check_shardings(shardings: dict, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> None:
@@ -224,7 +231,9 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, *, dtype: Any, sharding
     model_dir = Path(model_dir)
     np_dtype = to_numpy_dtype(dtype)
     quant = checkpoint_quant(model_dir)
-    shapes, fixed = stored_shapes(cfg, quant)
+    int4_format = None if is_converted(model_dir) else awq_gptq.read_format(model_dir)
+    g_idx_paths = frozenset() if int4_format is None else int4_format.g_idx_paths
+    shapes, fixed = stored_shapes(cfg, quant, g_idx_paths)
     shardings = split_quant(shardings)
     _check_shardings(shardings, shapes)
     start = time.perf_counter()
@@ -245,6 +254,18 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, *, dtype: Any, sharding
         if spec is not None:
             params = join_quant(params, quantized_weights(cfg, spec.kind), spec)
         kind = "converted" if spec is None else f"converted {quant}"
+    elif int4_format is not None:  # AWQ / GPTQ: float tensors as usual, int4 ones unpacked
+        reader = open_weights(model_dir, allow_pickle=allow_pickle)
+        spec = parse_quant(quant)
+        layout = quantized_weights(cfg, spec.kind)
+        table = [m for m in llama.tensor_map(cfg) if m.path not in layout]
+        llama.check_table(reader, table)
+        params = _load_table(reader, table, shardings=shardings, progress=progress,
+                             dtypes={m.path: np_dtype for m in table})
+        flat = flatten(params)
+        flat.update(awq_gptq.load_int4(reader, cfg, int4_format, shardings))
+        params = join_quant(unflatten(flat), layout, spec)
+        kind = f"{int4_format.method} int4"
     elif (model_dir / "config.json").is_file():
         reader = open_weights(model_dir, allow_pickle=allow_pickle)
         llama.check_tensors(reader, cfg)

@@ -2,7 +2,7 @@
 
 Each weight the model quantizes (`jaxinfer.models.llama.quantized_weights`) is read from the
 Hugging Face tensors as float32, quantized on the host CPU device with `jaxinfer.quant`, and
-stored as two orbax entries, `<path>/q` and `<path>/scale`; every other parameter is stored in
+stored as entries `<path>/q` and `<path>/scale` (int4 also `<path>/zero`); every other parameter is stored in
 the checkpoint dtype. `stored_shapes` is the one description of that layout: the converter
 records it in `jaxinfer_checkpoint.json` and the loader restores against it.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from checkpoints import llama
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.llama import quantized_weights
-from jaxinfer.quant import QuantSpec, parse_quant, quantize, quantized_structs
+from jaxinfer.quant import QuantSpec, parse_quant, quantize, quantized_structs, split_quant
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +31,29 @@ def layout(cfg: ModelConfig, quant: str) -> dict[ParamPath, tuple[int, int]]:
     return {} if spec is None else quantized_weights(cfg, spec.kind)
 
 
-def stored_shapes(cfg: ModelConfig, quant: str) -> tuple[dict[ParamPath, tuple[int, ...]],
-                                                         dict[ParamPath, np.dtype]]:
+def stored_shapes(cfg: ModelConfig, quant: str, g_idx_paths: frozenset = frozenset()
+                  ) -> tuple[dict[ParamPath, tuple[int, ...]], dict[ParamPath, np.dtype]]:
     """({flat path: shape}, {flat path: dtype} of the quantized entries) of a checkpoint
-    converted with `quant` ("none": the float parameters, no fixed dtypes)."""
+    converted with `quant` ("none": the float parameters, no fixed dtypes); `g_idx_paths`:
+    the weights with per-row groups (GPTQ act-order, `checkpoints.awq_gptq`)."""
     shapes = llama.param_shapes(cfg)
     spec = parse_quant(quant)
     if spec is None:
         return shapes, {}
     weights = quantized_weights(cfg, spec.kind)
-    structs = quantized_structs(shapes, weights, spec)
+    structs = quantized_structs(shapes, weights, spec, g_idx_paths)
     out = {p: s for p, s in shapes.items() if p not in weights}
     out.update({p: tuple(s.shape) for p, s in structs.items()})
     return out, {p: np.dtype(s.dtype) for p, s in structs.items()}
 
 
 def quantize_host(value: np.ndarray, spec: QuantSpec, *, batch: int, contract: int
-                  ) -> tuple[jax.Array, jax.Array]:
-    """(q, scale) of a host weight, computed on the CPU device so it stays in host memory."""
+                  ) -> dict[str, jax.Array]:
+    """The stored parts of a host weight's QuantArray ({"q", "scale"}, int4 also "zero";
+    `jaxinfer.quant.split_quant`), computed on the CPU device so they stay in host memory."""
     with jax.default_device(jax.devices("cpu")[0]):
         qa = quantize(jnp.asarray(value, jnp.float32), spec, batch=batch, contract=contract)
-    return qa.q, qa.scale
+    return split_quant(qa)
 
 
 def stored_table(cfg: ModelConfig, quant: str) -> list[llama.TensorMap]:

@@ -18,11 +18,13 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
 }
 # What the readers return: the float dtypes of Hugging Face weights, and the quantized ones
-# jaxinfer's own converted files hold (`checkpoints.convert --quant`). Hugging Face tensors are
+# jaxinfer's own converted files hold (`checkpoints.convert --quant`: int8, packed int4, fp8). Hugging Face tensors are
 # still checked against NUMPY_DTYPES: an int8 tensor there is not a weight we can cast.
 STORED_DTYPES: dict[str, np.dtype] = {
     **NUMPY_DTYPES,
     "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),  # int4 weights, two per byte
+    "I32": np.dtype("<i4"),  # AWQ / GPTQ packed int4 words and GPTQ's g_idx
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
 }
 

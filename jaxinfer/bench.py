@@ -1,9 +1,11 @@
-"""`python -m jaxinfer.bench [generate|kernels|serving|loading]`: benchmarks (STYLE.md rule 17).
+"""`python -m jaxinfer.bench [generate|kernels|serving|loading|quality]`: benchmarks (STYLE.md
+rule 17).
 
 `generate` (the default) is the end-to-end generation benchmark below; `kernels` times the Pallas
 kernels beside their anchors (`jaxinfer/kernel_bench/`); `serving` drives a running gRPC server
 with Poisson arrivals (`serve/loadgen.py`); `loading` measures peak host memory while loading and
-converting a synthetic checkpoint (`jaxinfer/load_bench.py`).
+converting a synthetic checkpoint (`jaxinfer/load_bench.py`); `quality` measures what a
+quantization costs against the unquantized model (`jaxinfer/quality.py`).
 
 One JSON object per measurement on stdout; an aligned summary table on stderr. For each batch
 size it submits that many requests of `--prompt-len` random tokens and `--gen-len` greedy tokens
@@ -480,6 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "loading":
         from jaxinfer.load_bench import main as loading_main
         return loading_main(argv[1:])
+    if argv and argv[0] == "quality":
+        from jaxinfer.quality import main as quality_main
+        return quality_main(argv[1:])
     if argv and argv[0] == "kernels":
         from jaxinfer.kernel_bench import main as kernels_main
         return kernels_main(argv[1:])

@@ -19,7 +19,7 @@ from jaxinfer.hf_cache import cached_snapshot, is_repo_id
 
 # Weight quantization modes (`--quant`; jaxinfer/quant.py implements them). Here, JAX-free, so
 # the server's front can offer the flag without importing JAX.
-QUANT_MODES = ("none", "int8", "int8-g64", "int8-g128", "fp8")
+QUANT_MODES = ("none", "int8", "int8-g64", "int8-g128", "fp8", "int4-g128")
 
 Family = Literal["llama", "mistral", "qwen2"]
 RopeType = Literal["default", "linear", "dynamic", "llama3"]

@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: Pallas on GPU, the plain-JAX references elsewhere")
     p.add_argument("--quant", choices=QUANT_MODES, default=None,
                    help="quantize the weights at load: int8 (per channel), int8-g64/int8-g128 "
-                        "(group-wise), fp8 (W8A8); default: as stored (a checkpoint converted "
-                        "with --quant loads quantized)")
+                        "(group-wise), fp8 (W8A8), int4-g128 (group-wise int4); default: as stored "
+                        "(a checkpoint converted with --quant loads quantized)")
     p.add_argument("--mesh", default="dp=1,pp=1,tp=1",
                    help="device mesh, e.g. tp=2 or dp=2,pp=2,tp=2 (sharding/mesh.py)")
     p.add_argument("--page-size", type=int, default=16)

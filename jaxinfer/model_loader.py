@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,16 +46,43 @@ class LoadedModel:
 
 
 def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype,
-                    spec: QuantSpec | None = None) -> tuple[object, dict]:
+                    spec: QuantSpec | None = None,
+                    g_idx_paths: frozenset = frozenset()) -> tuple[object, dict]:
     """(graphdef, pure-dict tree of NamedShardings) for the model's parameters; with `spec`,
-    quantized weights are QuantArrays of shardings."""
+    quantized weights are QuantArrays of shardings (with a g_idx sharding for the weights in
+    `g_idx_paths`: GPTQ act-order, `checkpoints/awq_gptq.py`)."""
     check_model_fits(MeshSpec.of(mesh), cfg)  # one-line error before any weight is read
     abstract = llama.abstract_model(cfg, dtype=dtype)
     graphdef, _ = nnx.split(abstract)
     axes = llama.param_axes(abstract)
+    rules = model_rules(cfg, mesh)
     if spec is not None:
-        axes = quantize_axes_tree(axes, llama.quantized_weights(cfg, spec.kind), spec)
-    return graphdef, tree_shardings(mesh, axes, model_rules(cfg, mesh))
+        layout = llama.quantized_weights(cfg, spec.kind)
+        _check_groups_split(nnx.split(abstract)[1], axes, layout, spec, rules, mesh)
+        axes = quantize_axes_tree(axes, layout, spec, g_idx_paths)
+    return graphdef, tree_shardings(mesh, axes, rules)
+
+
+def _check_groups_split(state, axes: dict, layout: dict, spec: QuantSpec, rules,
+                        mesh: jax.sharding.Mesh) -> None:
+    """A weight whose contraction dim is split over a mesh axis must be split at group
+    boundaries: its group count must divide evenly, and int4's short last group (K not a
+    multiple of the group) cannot be split at all (its scale row would land on one shard while
+    its rows sit on another). The sharding rules see only the scale's group count."""
+    if spec.group is None:
+        return
+    params = _pure(state)
+    for path, (b, c) in layout.items():
+        w, names = params, axes
+        for key in path:
+            w, names = w[key], names[key]
+        axis = rules.get(names[b])
+        size = dict(mesh.shape).get(axis, 1) if axis else 1
+        k = math.prod(w.shape[b:b + c])
+        if size > 1 and (k % spec.group or (k // spec.group) % size):
+            raise ConfigError(f"{'/'.join(path)}: contraction size {k} in groups of "
+                              f"{spec.group} cannot be split over {axis}={size} at group "
+                              f"boundaries ({spec.name})")
 
 
 def random_params(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype, seed: int = 0,
@@ -117,7 +145,8 @@ def load_model(model: str, *, mesh: jax.sharding.Mesh, dtype: str = "bfloat16", 
     if stored is not None and quant is not None and spec != stored:
         raise ConfigError(f"{path} holds {stored.name}-quantized weights; it cannot be loaded "
                           f"as --quant {quant} (convert the float model again instead)")
-    graphdef, shardings = param_shardings(cfg, mesh, jdtype, stored)
+    graphdef, shardings = param_shardings(cfg, mesh, jdtype, stored,
+                                          checkpoints.checkpoint_g_idx_paths(path))
     params = checkpoints.load_params(path, cfg, dtype=jdtype, shardings=shardings,
                                      allow_pickle=allow_pickle)
     if stored is None and spec is not None:

@@ -8,7 +8,8 @@ is how CI checks them.
 Weight matmuls (`linear`): a plain array runs as an XLA dot, exactly the einsum it replaces; a
 float weight stack at decode with kernels="pallas" runs `dense_matmul`, reading layer `layer`
 in place (`reads_layers_in_place`), per tp shard under tensor parallelism; a `QuantArray` runs
-the quantized kernel (`pallas_kernels.qmatmul`) or its reference. With kernels="pallas" the
+the quantized kernel (`pallas_kernels.qmatmul`; int4: `pallas_kernels.int4_matmul`) or its
+reference. With kernels="pallas" the
 quantized kernel takes the weight-streaming regime, M (tokens in the matmul) up to
 `QMATMUL_KERNEL_MAX_M`; larger M goes to the XLA form, which measured faster there on an H100
 (fp8, M = 4096, K = N = 8192: XLA's fp8 dot runs cuBLASLt at 1290 TFLOP/s, our Triton tile at
@@ -37,7 +38,8 @@ import jax.numpy as jnp
 from jaxinfer.config import KERNELS, Kernels
 from jaxinfer.errors import ConfigError
 from jaxinfer.kv_cache import CACHE_AXES, SCALE_AXES
-from jaxinfer.quant import QuantArray, matmul_operands, output_shape
+from jaxinfer.quant import QuantArray, matmul_operands, matmul_zero, output_shape
+from pallas_kernels import int4_matmul as _int4
 from pallas_kernels import paged_attention as _paged
 from pallas_kernels import qmatmul as _qmm
 from sharding import spmd
@@ -48,7 +50,8 @@ DECODE_MAX_T = 8  # query tokens per sequence up to which the decode kernel is u
 # int8 on an H100 (K=4096, N=14336): ours 23 us at M = 1..16 and 46 us at M = 64, XLA's
 # convert+dot 50 / 30 / 38 us at M = 1 / 16 / 64: the crossover is near 32. fp8 decode was not
 # measured separately; it shares the int8 kernel's streaming structure and bound.
-QMATMUL_KERNEL_MAX_M = {"int8": 32, "fp8": 32}
+# int4 (`pallas_kernels.int4_matmul`) is not measured yet: the int8 bound until it is.
+QMATMUL_KERNEL_MAX_M = {"int8": 32, "fp8": 32, "int4": 32}
 # Largest M up to which a float weight stack is read in place by `dense_matmul` (one row tile
 # of the streaming kernel). Beyond it (prefill chunks) the layer's slice is copied out and XLA's
 # dot runs; the copy is then small beside the matmul.
@@ -197,7 +200,7 @@ def linear(
     reduce_dtype: str | None = None,  # tp all-reduce dtype override (`tp_reduce_dtype`)
 ) -> jax.Array:
     """x @ w over the last `contract` dims of x -> [..., *O] in `out_dtype` (default x's dtype;
-    a float weight keeps XLA's usual result type). A QuantArray runs the int8 or fp8 kernel
+    a float weight keeps XLA's usual result type). A QuantArray runs the int8, fp8 or int4 kernel
     (kernels="pallas") or the plain-JAX reference, on x flattened to [M, K]; a stacked one
     (a leading layers axis) is read in place at `layer`, never sliced out of the stack. A float
     weight stack [L, *C, *O] (one more dim than its per-layer `axes`) is read at `layer` the
@@ -214,12 +217,22 @@ def linear(
     if stacked and layer is None:
         raise ValueError(f"stacked QuantArray {w.q.shape} needs a layer index")
     k = q.shape[-1] if w.transposed else q.shape[-2]
+    k = 2 * k if w.kind == "int4" else k  # int4: two values per byte along K
     x2 = x.reshape(math.prod(lead), k)
     out_dtype = out_dtype or x.dtype
     use_kernel = (kernels == "pallas" and x2.shape[0] <= QMATMUL_KERNEL_MAX_M[w.kind]
                   and not _mesh_is_sharded())
     kw = dict(layer=layer if stacked else None, transposed=w.transposed, out_dtype=out_dtype)
-    if w.kind == "int8":
+    if w.kind == "int4":
+        kw4 = dict(group=w.group, layer=kw["layer"], out_dtype=out_dtype)
+        zero = matmul_zero(w)
+        if w.g_idx is not None:  # act-order groups: only the reference gathers per row
+            out = _int4.int4_matmul_reference(x2, q, scale, zero, g_idx=w.g_idx, **kw4)
+        elif use_kernel:
+            out = _int4.int4_matmul(x2, q, scale, zero, **kw4, interpret=use_interpret())
+        else:
+            out = _int4.int4_matmul_reference(x2, q, scale, zero, **kw4)
+    elif w.kind == "int8":
         if use_kernel:
             out = _qmm.int8_matmul(x2, q, scale, group=w.group, **kw, interpret=use_interpret())
         else:

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vLLM's name for the decode slots: the largest of --batch-buckets")
     p.add_argument("--quant", choices=QUANT_MODES, default=None,
                    help="quantize the weights at load, as generate and bench do: int8 (per "
-                   "channel), int8-g64/int8-g128 (group-wise), fp8 (W8A8); default: as stored")
+                   "channel), int8-g64/int8-g128 (group-wise), fp8 (W8A8), int4-g128 "
+                   "(group-wise int4); default: as stored")
     p.add_argument("--http-host", default=None,
                    help="address of the OpenAI HTTP API (default: --host)")
     p.add_argument("--http-port", type=int, default=8000,

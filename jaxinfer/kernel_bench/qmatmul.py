@@ -7,7 +7,9 @@ jitted) and JAX's own Hopper mixed-type kernel (`hopper_mixed_type_matmul_mgpu`,
 That kernel multiplies an int8 left operand by a bf16 right one, so it computes
 out^T = w^T [N, K] @ x^T [K, M], with M padded to its smallest useful tile (64); the padding is
 outside the timed call. Rows report time_us, gbps (weight bytes read once / time) and, from
-M = 128, tflops.
+M = 128, tflops. int4-g128 on the same shapes: ours (`pallas_kernels.int4_matmul`, untuned)
+and XLA on the packed weight (unpack, dequantize, dot: `int4_matmul_reference` jitted, what
+`ops.linear` runs above `QMATMUL_KERNEL_MAX_M`).
 
 fp8 W8A8 (large M, K = N = 8192): ours with the per-token activation quantization included
 and the GEMM alone on pre-quantized activations, beside XLA's bf16 dot, XLA's own fp8 dot
@@ -33,6 +35,7 @@ from jax.experimental import pallas as pl
 
 from jaxinfer import quant
 from jaxinfer.kernel_bench import base_row, on_gpu, time_kernel
+from pallas_kernels import int4_matmul as k4
 from pallas_kernels import qmatmul as qm
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ def make_inputs(c: Case, seed: int) -> dict:
         out["int8"] = quant.quantize_int8(w, contract=1)
         out["g128"] = quant.quantize_int8(w, contract=1, group=128)
         out["w_t"] = quant.quantize_int8(w, contract=1, transposed=True).q  # [N, K] for mgpu
+        out["int4"] = quant.quantize_int4(w, group=128)
     else:
         out["fp8"] = quant.quantize_fp8(w, contract=1)
         out["x_q"], out["x_scale"] = qm.quantize_rows_fp8(x)
@@ -109,6 +113,17 @@ def _impls(c: Case) -> list[tuple[str, Callable, Callable, dict]]:
 
         out.append(("xla_int8_dequant", dequant, lambda d: (d["x"], *_weight_args(d["int8"])),
                     dict(weight_bytes=_nbytes(c, None))))
+
+        def ours_int4(x, w_q, s, z):
+            return k4.int4_matmul(x, w_q, s, z, group=128, interpret=interpret)
+
+        def xla_int4(x, w_q, s, z):
+            return k4.int4_matmul_reference(x, w_q, s, z, group=128)
+
+        int4_fields = dict(group=128, weight_bytes=_int4_nbytes(c),
+                           **dataclasses.asdict(k4.DEFAULT))
+        for impl, fn in (("ours_int4_g128", ours_int4), ("xla_int4_dequant", xla_int4)):
+            out.append((impl, fn, lambda d: (d["x"], *_int4_args(d["int4"])), int4_fields))
         mp = max(64, pl.next_power_of_2(c.m))
         tile_n = min(mp, 128)
 
@@ -158,6 +173,15 @@ def _impls(c: Case) -> list[tuple[str, Callable, Callable, dict]]:
     return out
 
 
+def _int4_args(qa: quant.QuantArray) -> tuple:
+    return (*quant.matmul_operands(qa, contract=1), quant.matmul_zero(qa))
+
+
+def _int4_nbytes(c: Case) -> int:
+    """Packed weight (K/2 bytes per column) plus float32 scales and int8 zeros per group."""
+    return c.k * c.n // 2 + k4.num_groups(c.k, 128) * c.n * 5
+
+
 def _nbytes(c: Case, group: int | None) -> int:
     scales = c.n * 4 if group is None else (c.k // group) * c.n * 4
     return c.k * c.n + scales
@@ -180,6 +204,9 @@ def _reference(c: Case, impl: str, d: dict) -> np.ndarray | None:
         args = _weight_args(d["g128"])
         return np.asarray(qm.int8_matmul_reference(d["x"], *args, group=128,
                                                    transposed=quant.TRANSPOSED["int8"]),
+                          np.float32)
+    if impl == "ours_int4_g128":
+        return np.asarray(k4.int4_matmul_reference(d["x"], *_int4_args(d["int4"]), group=128),
                           np.float32)
     if impl in ("ours_fp8", "ours_fp8_gemm"):
         args = _weight_args(d["fp8"])

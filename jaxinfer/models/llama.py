@@ -221,10 +221,11 @@ class Llama(nnx.Module):
 
 
 def quantized_weights(cfg: ModelConfig, kind: str) -> dict[tuple[str, ...], tuple[int, int]]:
-    """The weights a `kind` ("int8" | "fp8") quantization replaces by QuantArrays: param path
-    -> (stacked leading dims, contraction dims). Layer projections always; an untied lm_head
-    for int8 only (W8A8 would quantize the final hidden state, costing logit precision); the
-    embedding never (a gather, and the head itself when tied)."""
+    """The weights a `kind` ("int8" | "fp8" | "int4") quantization replaces by QuantArrays:
+    param path -> (stacked leading dims, contraction dims). Layer projections always; an untied
+    lm_head for int8 only (W8A8 would quantize the final hidden state, costing logit precision;
+    int4 keeps it float as AWQ and GPTQ checkpoints do); the embedding never (a gather, and
+    the head itself when tied)."""
     out = {("layers", name): (1, 1) for name in ("wq", "wk", "wv", "w_gate", "w_up", "w_down")}
     out[("layers", "wo")] = (1, 2)
     if kind == "int8" and not cfg.tie_word_embeddings:

@@ -131,7 +131,7 @@ def test_unknown_architecture():
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias"),
-    ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config"),
 ])
 def test_unsupported_features(changes, field):
     with pytest.raises(ConfigError, match=field):

@@ -42,9 +42,9 @@ def _leaves_equal(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-g64", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "int8-g64", "fp8", "int4-g128"])
 def test_converted_checkpoint_loads_the_quantized_weights(hf_model, tmp_path, mode):
-    hf = hf_model("llama")  # untied lm_head: int8 quantizes it, fp8 keeps it float
+    hf = hf_model("llama")  # untied lm_head: int8 quantizes it, fp8 and int4 keep it float
     out = tmp_path / "q"
     summary = convert(hf.path, out, dtype="float32", quant=mode, show_progress=False)
     assert f"{mode} weights" in summary
@@ -58,7 +58,10 @@ def test_converted_checkpoint_loads_the_quantized_weights(hf_model, tmp_path, mo
     assert stored.quant == at_load.quant == mode
     wq = stored.params["layers"]["wq"]
     assert isinstance(wq, QuantArray) and wq.kind == mode[:4].rstrip("-")
-    assert isinstance(stored.params["lm_head"], QuantArray) == (mode != "fp8")
+    assert isinstance(stored.params["lm_head"], QuantArray) == mode.startswith("int8")
+    if mode == "int4-g128":  # zero points stored beside q and scale, packed q as uint8
+        assert "layers/wq/zero" in info["params"]
+        assert wq.q.dtype == np.uint8 and wq.zero is not None
     _leaves_equal(stored.params, at_load.params)
     # Asking for what is stored is fine; anything else is a clear error.
     load_model(str(out), mesh=_mesh(), dtype="float32", quant=mode)

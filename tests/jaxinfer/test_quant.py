@@ -85,6 +85,41 @@ def test_zero_columns_get_unit_scale():
         assert np.isfinite(np.asarray(qa.scale)).all()
 
 
+def test_int4_round_trip_and_layout():
+    """int4-g128 on a stacked [L, K, N] weight whose K (448) ends in a short group of 64: codes
+    and zero points in 0..15, exact zeros stay exact, and the clipping search never does worse
+    (squared error per group) than the plain min/max range it starts from."""
+    w = _w((2, 448, 8), seed=3).at[0, 5, 2].set(0.0)
+    qa = quant.quantize_int4(w, group=128, batch=1)
+    assert qa.kind == "int4" and qa.transposed and qa.group == 128
+    assert qa.q.dtype == jnp.uint8 and qa.q.shape == (2, 8, 224)  # [L, N, K/2]
+    assert qa.scale.shape == qa.zero.shape == (2, 4, 8) and qa.zero.dtype == jnp.int8
+    z = np.asarray(qa.zero)
+    assert z.min() >= 0 and z.max() <= 15
+    deq = np.asarray(quant.dequantize(qa))
+    assert deq.shape == w.shape and deq[0, 5, 2] == 0.0
+    ref = np.asarray(w)
+    # The plain rule (shrink 1): range [min(w, 0), max(w, 0)] over 15 steps.
+    pad = np.concatenate([ref, np.zeros((2, 64, 8), np.float32)], axis=1).reshape(2, 4, 128, 8)
+    lo, hi = np.minimum(pad.min(2), 0), np.maximum(pad.max(2), 0)
+    s = (hi - lo) / 15
+    zp = np.round(-lo / s)
+    plain = (np.clip(np.round(pad / s[:, :, None]) + zp[:, :, None], 0, 15) - zp[:, :, None]) \
+        * s[:, :, None]
+    plain_err = ((plain - pad) ** 2).sum(2)
+    deq_pad = np.concatenate([deq, np.zeros((2, 64, 8), np.float32)], 1).reshape(pad.shape)
+    err = ((deq_pad - pad) ** 2).sum(2)
+    assert (err <= plain_err * (1 + 1e-5) + 1e-12).all()
+    assert err.sum() < plain_err.sum()  # the search found better ranges somewhere
+    # wo-like: two contraction dims [N, H, D] -> q [D, N, H/2] (packed along the flattened K).
+    wo = quant.quantize_int4(_w((4, 64, 32), seed=4), group=128, contract=2)
+    assert wo.q.shape == (32, 4, 32) and wo.scale.shape == (2, 32)
+    np.testing.assert_allclose(np.asarray(quant.dequantize(wo)), np.asarray(_w((4, 64, 32), 4)),
+                               atol=float(np.max(np.asarray(wo.scale))) * 5)
+    with pytest.raises(ConfigError, match="even"):
+        quant.quantize_int4(_w((63, 8)), group=128)
+
+
 def test_bad_quant_arguments():
     with pytest.raises(ConfigError, match="divide"):
         quant.quantize_int8(_w((100, 8)), group=64)
@@ -93,6 +128,7 @@ def test_bad_quant_arguments():
     with pytest.raises(ValueError, match="output dim"):
         quant.quantize_int8(_w((64, 8)), contract=2)
     assert quant.parse_quant("int8-g128") == quant.QuantSpec("int8", 128)
+    assert quant.parse_quant("int4-g128") == quant.QuantSpec("int4", 128)
     assert quant.parse_quant("none") is None and quant.parse_quant(None) is None
 
 
@@ -105,6 +141,9 @@ def test_axes_follow_the_weight():
     fp8 = quant.quantized_axes(wo_axes, quant.QuantSpec("fp8"), batch=1, contract=2)
     assert fp8.q == ("layers", "embed", "heads", "head_dim") and fp8.transposed
     assert fp8.scale == ("layers", "embed")
+    int4 = quant.quantized_axes(wo_axes, quant.QuantSpec("int4", 128), batch=1, contract=2)
+    assert int4.q == ("layers", "embed", "heads", "head_dim") and int4.transposed
+    assert int4.scale == int4.zero == ("layers", "heads", "embed")
 
 
 def test_split_and_join_are_inverse():
@@ -117,11 +156,18 @@ def test_split_and_join_are_inverse():
     back = quant.join_quant(split, layout, spec)
     assert back["layers"]["wq"] == params["layers"]["wq"]  # same arrays, same static fields
     assert back["layers"]["norm"] is w["layers"]["norm"]
+    spec4 = quant.QuantSpec("int4", 128)  # int4 adds its zero points to the stored entry
+    params4 = quant.quantize_params(w, layout, spec4)
+    split4 = quant.split_quant(params4)
+    assert set(split4["layers"]["wq"]) == {"q", "scale", "zero"}
+    assert quant.join_quant(split4, layout, spec4)["layers"]["wq"] == params4["layers"]["wq"]
+    with pytest.raises(ValueError, match="quantized"):
+        quant.join_quant(split, layout, spec4)
 
 
 # -- ops.linear ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["int8", "int8-g64", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "int8-g64", "fp8", "int4-g128"])
 @pytest.mark.parametrize("kernels", ["reference", "pallas"])
 def test_linear_matches_the_dequantized_einsum(mode, kernels):
     spec = quant.parse_quant(mode)
@@ -175,6 +221,14 @@ def test_random_preset_quantized_at_load_is_sharded_like_its_weights():
     np.testing.assert_allclose(np.asarray(quant.dequantize(layers["w_down"])),
                                np.asarray(float_model.params["layers"]["w_down"]),
                                atol=float(jnp.max(layers["w_down"].scale)))
+
+
+def test_int4_groups_must_split_at_group_boundaries():
+    """dummy's FFN (384 = 3 groups of 128) and wo (128: one group) cannot be split over tp=2
+    at group boundaries: a clear error, not scales sharded apart from their rows."""
+    mesh = make_mesh("tp=2", devices=jax.devices()[:2])
+    with pytest.raises(ConfigError, match="group boundaries"):
+        load_model("dummy", mesh=mesh, dtype="float32", quant="int4-g128")
 
 
 def _hf_dir(tmp_path_factory, tie: bool) -> Path:
@@ -264,12 +318,13 @@ def test_int8_and_fp8_stay_close_to_float(hf_llama):
 
 
 @pytest.mark.slow  # the quantized kernels against their references: tests/pallas_kernels
-def test_pallas_and_reference_kernels_give_equal_greedy_tokens(hf_llama):
+@pytest.mark.parametrize("mode", ["int8", "int4-g128"])  # (test_int4_matmul, test_qmatmul gate)
+def test_pallas_and_reference_kernels_give_equal_greedy_tokens(hf_llama, mode):
     """Untied lm_head is quantized too (int8), so the head goes through the kernel as well."""
-    loaded = load_model(str(hf_llama), mesh=_one_device(), dtype="float32", quant="int8")
-    assert isinstance(loaded.params["lm_head"], QuantArray)
+    loaded = load_model(str(hf_llama), mesh=_one_device(), dtype="float32", quant=mode)
+    assert isinstance(loaded.params["lm_head"], QuantArray) == (mode == "int8")
     ref, pal = _llm(loaded, "reference"), _llm(loaded, "pallas")
-    assert ref.quant == pal.quant == "int8"
+    assert ref.quant == pal.quant == mode
     a = _greedy(ref, PROMPT, 12)
     assert len(a) == 12 and _greedy(pal, PROMPT, 12) == a
 
