@@ -48,6 +48,7 @@ import dataclasses
 import enum
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -338,7 +339,8 @@ class Server:
         """Compile every bucket, start the engine and turn health SERVING."""
         t0 = time.perf_counter()
         await asyncio.to_thread(self.engine.warmup, progress=progress)
-        self.info = self.engine.info()
+        # the front's pid beside the cores': what a soak reads the server's RSS from
+        self.info = {**self.engine.info(), "front_pid": os.getpid()}
         self.limits = Limits.from_info(self.info,
                                        has_tokenizer=self.engine.tokenizer is not None)
         self.engine.start()
