@@ -307,8 +307,15 @@ class Server:
         self._idle = asyncio.Event()
         self._idle.set()
         size = self.cfg.max_message_bytes
+        # Calls that have arrived but that the loop has not picked up yet: past gRPC's
+        # defaults (1,000 soft, 3,000 hard) core cancels them unseen (plain CANCELLED), which
+        # a burst of a few thousand calls reached; room for ten queues' worth, each then
+        # answered (RESOURCE_EXHAUSTED at once when the queue is full).
+        pending = max(10 * self.cfg.max_queue, 4096)
         options = [("grpc.max_receive_message_length", size),
                    ("grpc.max_send_message_length", size),
+                   ("grpc.server.max_pending_requests", pending),
+                   ("grpc.server.max_pending_requests_hard_limit", pending),
                    # Without this a second server on the same port binds silently.
                    ("grpc.so_reuseport", 0)]
         self._grpc = grpc.aio.server(options=options)

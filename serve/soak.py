@@ -548,6 +548,10 @@ async def run(args: argparse.Namespace, serve_args: list[str]) -> tuple[list[dic
             b = await burst(soak, n, args.health_slo)
             b_bad = classify(b["outcomes"], soak.reference, args.max_tokens)
             emit(rows, base, "burst_requests", n, "requests", phase="burst")
+            for (kind, code), k in sorted(collections.Counter(
+                    (o.kind, o.code) for o in b["outcomes"]).items()):
+                emit(rows, base, f"{kind}:{code}", k, "requests", phase="burst", kind=kind,
+                     code=code)
             emit(rows, base, "burst_refused", b["refused"], "requests", phase="burst")
             emit(rows, base, "burst_refusal_s_max", round(b["refusal_s_max"], 3), "s",
                  phase="burst")

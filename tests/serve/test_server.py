@@ -175,6 +175,49 @@ def test_queue_full_is_resource_exhausted(stub_server):
     _wait_for(lambda: engine.stats()["pages_used"] == 0, what="pages freed")
 
 
+def test_burst_far_past_the_queue_gets_documented_codes():
+    """3,000 calls at once against a queue of 8: each is served or refused RESOURCE_EXHAUSTED
+    (none cancelled by gRPC core before the server sees it, as its default pending-call limit
+    did), and health answers meanwhile."""
+    import asyncio
+    import collections
+
+    engine = StubEngine(tick=0.002, max_queue=8, max_running=4)
+    bg = harness.BackgroundServer(engine, ServeConfig(port=0, max_queue=8))
+
+    async def burst():
+        channels = [grpc.aio.insecure_channel(bg.target) for _ in range(4)]
+        codes: collections.Counter = collections.Counter()
+
+        async def one(i: int) -> None:
+            try:
+                await pbg.GenerationStub(channels[i % 4]).GenerateUnary(pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=[1]), sampling=pb.SamplingParams(max_tokens=2)),
+                    timeout=60)
+                codes[grpc.StatusCode.OK] += 1
+            except grpc.aio.AioRpcError as e:
+                codes[e.code()] += 1
+
+        calls = asyncio.gather(*(one(i) for i in range(3000)))
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        status = await health_pb2_grpc.HealthStub(channels[0]).Check(
+            health_pb2.HealthCheckRequest(), timeout=10)
+        health_s = time.monotonic() - t0
+        await calls
+        for c in channels:
+            await c.close()
+        return codes, status.status, health_s
+
+    try:
+        codes, status, health_s = asyncio.run(burst())
+    finally:
+        bg.close()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] > 0 and sum(codes.values()) == 3000
+    assert status == SERVING and health_s < 5
+
+
 def test_engine_deadline_is_deadline_exceeded(stub_server):
     """The engine drops a request whose deadline passed: the call ends DEADLINE_EXCEEDED with
     the server's own message, and its pages are free."""
