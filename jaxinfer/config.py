@@ -312,6 +312,9 @@ class ServeConfig:
     tls_key: str | None = None  # PEM private key
     max_message_bytes: int = 4 * 1024 * 1024  # largest request or response message
     drain_timeout: float = 60.0  # seconds SIGTERM waits for in-flight requests
+    # seconds one write to a streaming client may wait (the client reads nothing) before the
+    # stream is cancelled and its pages freed (docs/reliability.md)
+    stream_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -326,6 +329,8 @@ class ServeConfig:
             raise ConfigError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if not self.drain_timeout > 0:
             raise ConfigError(f"drain_timeout must be > 0, got {self.drain_timeout}")
+        if not self.stream_timeout > 0:
+            raise ConfigError(f"stream_timeout must be > 0, got {self.stream_timeout}")
 
 
 # Random-weight presets: real shapes, no download. `dummy` is tiny enough for a laptop CPU.

@@ -36,9 +36,9 @@ logger = logging.getLogger("serve")
 
 # Flags that are not EngineConfig fields or that the server owns.
 _OWN = {"model", "host", "port", "mesh", "metrics_port", "tls_cert", "tls_key", "max_queue",
-        "compile_cache", "max_message_bytes", "drain_timeout", "seed", "allow_pickle",
-        "log_level", "coordinator", "num_processes", "process_id", "step_port", "dtype",
-        "engine_in_process", "http_host", "http_port", "served_model_name", "chat_template",
+        "compile_cache", "max_message_bytes", "drain_timeout", "stream_timeout", "seed",
+        "allow_pickle", "log_level", "coordinator", "num_processes", "process_id", "step_port",
+        "dtype", "engine_in_process", "http_host", "http_port", "served_model_name", "chat_template",
         "quant", "max_model_len", "max_num_seqs", "tensor_parallel_size"}
 
 
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=ServeConfig.max_message_bytes)
     p.add_argument("--drain-timeout", type=float, default=ServeConfig.drain_timeout,
                    help="seconds SIGTERM waits for in-flight requests (default %(default)s)")
+    p.add_argument("--stream-timeout", type=float, default=ServeConfig.stream_timeout,
+                   help="seconds a streamed response may wait on a client that reads nothing "
+                   "before it is cancelled and its KV pages freed (default %(default)s)")
     p.add_argument("--compile-cache", default=None,
                    help="JAX persistent compilation cache directory (fast restarts)")
     p.add_argument("--seed", type=int, default=0, help="weights seed of random presets")
@@ -356,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_cfg = ServeConfig(host=args.host, port=args.port, max_queue=args.max_queue,
                                 metrics_port=args.metrics_port, tls_cert=args.tls_cert,
                                 tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
-                                drain_timeout=args.drain_timeout)
+                                drain_timeout=args.drain_timeout,
+                                stream_timeout=args.stream_timeout)
         args.mesh = resolve_mesh(args)
         http = _http_settings(args)
         dist = multihost.config_from(args.coordinator, args.num_processes, args.process_id)

@@ -49,7 +49,7 @@ from jaxinfer.errors import (CapacityError, ConfigError, JaxinferError, Precondi
                              RequestError, UnavailableError)
 from serve import openai_api as oa
 from serve.api import model_name
-from serve.server import RpcFailure, Server, State, Stream
+from serve.server import RpcFailure, Server, StalledStream, State, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -112,16 +112,18 @@ async def _merged(streams: Sequence[Stream]) -> AsyncIterator[tuple[int, list[Ou
         async for batch in streams[0].batches():
             yield 0, batch
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # Bounded: a pump waits while the reader is behind, so its stream's own buffer (merged per
+    # sample) holds what the client has not taken, as it does for a single stream.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
 
     async def pump(i: int, stream: Stream) -> None:
         try:
             async for batch in stream.batches():
-                queue.put_nowait((i, batch, None))
+                await queue.put((i, batch, None))
         except Exception as e:  # re-raised by the reader, which closes every stream
-            queue.put_nowait((i, None, e))
+            await queue.put((i, None, e))
             return
-        queue.put_nowait((i, None, None))
+        await queue.put((i, None, None))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
@@ -146,16 +148,32 @@ async def _until_disconnect(request: HttpRequest) -> None:
             return
 
 
+# Scope key of a callable that drops the request's connection at once (see `_Counted`).
+_ABORT_CONNECTION = "jaxinfer.abort_connection"
+
+
+def _connection_aborter(send):
+    """A callable that aborts the connection `send` writes to: uvicorn's `send` is a method of
+    its protocol object, which holds the asyncio transport. ASGI has no message for it; a
+    server other than uvicorn gets a no-op (its connection then closes when flushed)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    return abort if callable(abort) else (lambda: None)
+
+
 class _Counted:
-    """ASGI wrapper that counts finished HTTP requests by path and status in the server's
-    `jaxinfer_requests_total` (a pure ASGI layer: Starlette's BaseHTTPMiddleware would get in
-    the way of streaming and of disconnect detection)."""
+    """The outermost ASGI layer: counts finished HTTP requests by path and status in the
+    server's `jaxinfer_requests_total` (a pure ASGI layer: Starlette's BaseHTTPMiddleware would
+    get in the way of streaming and of disconnect detection), and puts `_ABORT_CONNECTION` in
+    the scope for a stalled stream."""
 
     def __init__(self, app, metrics) -> None:
         self.app = app
         self.metrics = metrics
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            scope[_ABORT_CONNECTION] = _connection_aborter(send)
         if scope["type"] != "http" or self.metrics is None:
             await self.app(scope, receive, send)
             return
@@ -355,7 +373,8 @@ class HttpFront:
             for s in streams:
                 s.close()
 
-    def _event_stream(self, streams: Sequence[Stream], events) -> StreamingResponse:
+    def _event_stream(self, request: HttpRequest, streams: Sequence[Stream], events
+                      ) -> StreamingResponse:
         async def body():
             try:
                 async for event in events:
@@ -367,8 +386,18 @@ class HttpFront:
                     s.close()
             yield _DONE
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        def stalled() -> None:
+            for s in streams:
+                s.close()
+            client = request.client
+            self.server.stream_stalled(f"HTTP {request.url.path}", f"{client.host}:{client.port}"
+                                       if client else "?")
+            # Drop the connection and what it has buffered: a close would wait to flush
+            # bytes the client does not read.
+            request.scope.get(_ABORT_CONNECTION, lambda: None)()
+
+        return _EventStream(body(), timeout=self.server.cfg.stream_timeout, on_stall=stalled,
+                            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _completions(self, body: oa.CompletionRequest, request: HttpRequest):
         self._admit(body.model)
@@ -398,7 +427,7 @@ class HttpFront:
                     "model": body.model}
 
         if body.stream:
-            return self._event_stream(streams, self._completion_events(
+            return self._event_stream(request, streams, self._completion_events(
                 streams, head, choice, body))
 
         async def collect():
@@ -487,7 +516,7 @@ class HttpFront:
                     yield _sse({**head(), "choices": [],
                                 "usage": oa.usage_json([usage] if usage else [])})
 
-            return self._event_stream(streams, events())
+            return self._event_stream(request, streams, events())
 
         async def collect():
             texts = [""] * req.n
@@ -531,6 +560,31 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         type(got).__name__
     return ApiError(400, f"{where or param}: {err.get('msg')} (got {shown})", param=param,
                     code="invalid_type")
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse whose every write may wait at most `timeout` seconds: a client that
+    reads nothing fills the socket, uvicorn's writes then wait on it (flow control), and after
+    `timeout` the response gives up and calls `on_stall` (which cancels its requests and drops
+    the connection)."""
+
+    def __init__(self, content, *, timeout: float, on_stall, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.timeout = timeout
+        self.on_stall = on_stall
+
+    async def stream_response(self, send) -> None:
+        async def timed_send(message) -> None:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await send(message)
+            except TimeoutError:
+                raise StalledStream(self.timeout) from None
+
+        try:
+            await super().stream_response(timed_send)
+        except StalledStream:
+            self.on_stall()
 
 
 class _Uvicorn(uvicorn.Server):

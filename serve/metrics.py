@@ -25,6 +25,8 @@ Names follow Prometheus conventions (`_seconds`, `_total`) under the `jaxinfer_`
     jaxinfer_recompiles_total                counter    compilations after warm-up (a bug)
     jaxinfer_requests_total{method,code}     counter    finished gRPC calls by status code, and
                                                         HTTP requests ("HTTP /v1/...", status)
+    jaxinfer_stalled_streams_total{front}    counter    streams cancelled after --stream-timeout
+                                                        of a client reading nothing
     jaxinfer_prompt_tokens_total             counter    prompt tokens of requests (at first token)
     jaxinfer_generation_tokens_total         counter    generated tokens, as they stream
     jaxinfer_request_finished_total{finish_reason}  counter  stop, length, cancelled, deadline,
@@ -110,6 +112,9 @@ class PrometheusMetrics:
                                   registry=r)
         self.requests = Counter("jaxinfer_requests", "Finished gRPC calls and HTTP requests.",
                                 ("method", "code"), registry=r)
+        self.stalled = Counter("jaxinfer_stalled_streams",
+                               "Streams cancelled because their client read nothing for "
+                               "--stream-timeout seconds.", ("front",), registry=r)
         # vLLM's speculative-decoding counters.
         self.spec_drafts = Counter("jaxinfer_spec_decode_num_drafts",
                                    "Speculative steps of a sequence that proposed drafts.",
@@ -208,6 +213,9 @@ class PrometheusMetrics:
 
     def count_request(self, method: str, code: str) -> None:
         self.requests.labels(method=method, code=code).inc()
+
+    def count_stalled_stream(self, front: str) -> None:
+        self.stalled.labels(front=front).inc()
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (what the HTTP endpoint serves)."""

@@ -11,7 +11,13 @@ Threads and queues::
                      handler awaits the queue, converts each Output to a response and streams it
 
 The engine's threads never block on the network: `on_output` only hands the Output to the
-loop. A call that ends early (the client cancelled or went away, its deadline passed, the
+loop. Backpressure: what a handler has not yet sent is merged per sample as it arrives (one
+growing piece per sample, `_Piece`), so a slow client gets fewer, larger messages and the
+buffer never holds more than the request's own tokens; a write that waits `stream_timeout`
+seconds (HTTP/2 flow control holds it while the client reads nothing) ends the stream:
+its request is cancelled, its pages freed, a warning logged and
+`jaxinfer_stalled_streams_total` counted (`_write`; the HTTP front does the same per SSE
+write). A call that ends early (the client cancelled or went away, its deadline passed, the
 handler failed) cancels its request in the engine from the handler's `finally` (and, as a
 safety net, from the call's done-callback), so its KV pages are freed at once.
 
@@ -27,8 +33,9 @@ the in-flight count and the drain.
 Error mapping (every handler goes through `_guard`): RequestError -> INVALID_ARGUMENT,
 PreconditionError -> FAILED_PRECONDITION, CapacityError -> RESOURCE_EXHAUSTED,
 UnavailableError -> UNAVAILABLE, a request the engine ends with "deadline" ->
-DEADLINE_EXCEEDED, "aborted" -> UNAVAILABLE, "error" -> INTERNAL, any other exception ->
-INTERNAL (logged; the server goes on). A request whose bytes do not parse (for instance a
+DEADLINE_EXCEEDED, "aborted" -> UNAVAILABLE, "error" -> INTERNAL, a stalled stream ->
+CANCELLED (seen by the client only if it reads again), any other exception -> INTERNAL
+(logged; the server goes on). A request whose bytes do not parse (for instance a
 string field that is not UTF-8, which protobuf rejects) gets INVALID_ARGUMENT too, not the
 INTERNAL that gRPC's default deserializer failure would give.
 """
@@ -36,12 +43,12 @@ INTERNAL that gRPC's default deserializer failure would give.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import enum
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -93,6 +100,13 @@ class RpcFailure(Exception):
         self.details = details
 
 
+class StalledStream(Exception):
+    """A streamed write waited `stream_timeout` seconds: the client has stopped reading."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the client read nothing for {timeout:.0f} s")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Unparsable:
     """Stands in for a request whose bytes protobuf refused, so the handler can answer
@@ -124,14 +138,50 @@ def _status_of(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+class _Piece:
+    """What has arrived for one sample and not yet been taken, as one growing Output: a
+    stream's buffer holds one of these per sample, however far its client falls behind."""
+
+    __slots__ = ("error", "finish_reason", "first", "logprobs", "texts", "token_ids", "usage")
+
+    def __init__(self, out: Output) -> None:
+        self.first = out
+        self.token_ids = list(out.token_ids)
+        self.texts = [out.text]
+        self.logprobs = list(out.logprobs)
+        self.finish_reason, self.error, self.usage = out.finish_reason, out.error, out.usage
+
+    def add(self, out: Output) -> None:
+        self.token_ids.extend(out.token_ids)
+        self.texts.append(out.text)
+        self.logprobs.extend(out.logprobs)
+        self.finish_reason = out.finish_reason or self.finish_reason
+        self.error = out.error or self.error
+        self.usage = out.usage or self.usage
+
+    def output(self) -> Output:
+        return dataclasses.replace(self.first, token_ids=tuple(self.token_ids),
+                                   text="".join(self.texts), logprobs=tuple(self.logprobs),
+                                   finish_reason=self.finish_reason, error=self.error,
+                                   usage=self.usage)
+
+
 class _Submission:
-    """One request inside the engine; its Outputs arrive on the server's loop in order."""
+    """One request inside the engine; its Outputs arrive on the server's loop in order.
+
+    The buffer between the engine and the client is bounded: Outputs that the handler has
+    not taken yet are merged per sample as they arrive (`_Piece`), so a client slower than
+    the engine gets fewer, larger messages, and one that reads nothing costs at most the
+    request's own tokens, never a growing queue of messages. (The engine never waits for a
+    client; `Server._write` ends a stream whose client stops reading for good.)
+    """
 
     def __init__(self, engine, req: Request, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self.req = req
         self._loop = loop
-        self._pending: collections.deque[Output] = collections.deque()
+        self._pending: dict[int, _Piece] = {}  # sample index -> what it has not sent yet
+        self._failure: Output | None = None  # a failure Output, raised after _pending
         self._wake = asyncio.Event()
         self._open = req.n  # samples without a finish reason yet
         self._ended = False  # finished, failed or cancelled: nothing more to cancel
@@ -144,7 +194,16 @@ class _Submission:
             pass
 
     def _push(self, out: Output) -> None:
-        self._pending.append(out)
+        if self._failure is not None:
+            return  # the request has failed; nothing after it is delivered
+        if out.finish_reason in _FAILURES:
+            self._failure = out
+        else:
+            piece = self._pending.get(out.index)
+            if piece is None:
+                self._pending[out.index] = _Piece(out)
+            else:
+                piece.add(out)
         self._wake.set()
 
     @property
@@ -152,32 +211,27 @@ class _Submission:
         return self._ended or self._open == 0
 
     async def next_batch(self) -> list[Output]:
-        """Every Output that has arrived (at least one), merged per sample: a client slower
-        than the engine gets fewer, larger messages instead of a growing backlog.
+        """Everything that has arrived (at least one Output), merged per sample, the Output
+        that carries the request's usage last (as it came from the engine).
 
         Raises RpcFailure when the engine ended the request with a failure reason (after the
         Outputs that came before it have been returned).
         """
-        while not self._pending:
+        while not self._pending and self._failure is None:
             self._wake.clear()
             await self._wake.wait()
-        batch: list[Output] = []
-        while self._pending:
-            out = self._pending[0]
-            if out.finish_reason in _FAILURES:
-                if batch:
-                    break
-                self._pending.popleft()
-                self._ended = True
-                raise self._failure(out)
-            self._pending.popleft()
+        if not self._pending:
+            self._ended = True
+            raise self._failure_of(self._failure)
+        batch = [piece.output() for piece in self._pending.values()]
+        self._pending.clear()
+        for out in batch:
             self.completion_tokens += len(out.token_ids)
             if out.finish_reason is not None:
                 self._open -= 1
-            batch.append(out)
-        return _merge(batch)
+        return sorted(batch, key=lambda o: o.usage is not None)
 
-    def _failure(self, out: Output) -> RpcFailure:
+    def _failure_of(self, out: Output) -> RpcFailure:
         what = {"deadline": "deadline exceeded", "aborted": "server stopped",
                 "cancelled": "request cancelled by the server",
                 "error": "request failed"}[out.finish_reason]
@@ -193,23 +247,6 @@ class _Submission:
             self.engine.cancel(self.req.request_id, reason)
         except Exception:  # the engine may already have dropped it; never fail the caller
             logger.exception("engine.cancel(%s) failed", self.req.request_id)
-
-
-def _merge(batch: list[Output]) -> list[Output]:
-    """Concatenate consecutive Outputs of the same sample (in arrival order per sample)."""
-    merged: dict[int, Output] = {}
-    for out in batch:
-        prev = merged.get(out.index)
-        if prev is None:
-            merged[out.index] = out
-            continue
-        merged[out.index] = dataclasses.replace(
-            prev, token_ids=prev.token_ids + out.token_ids, text=prev.text + out.text,
-            logprobs=prev.logprobs + out.logprobs,
-            finish_reason=out.finish_reason or prev.finish_reason,
-            error=out.error or prev.error, usage=out.usage or prev.usage)
-    # the Output that carries the request's usage goes last, as it did from the engine
-    return sorted(merged.values(), key=lambda o: o.usage is not None)
 
 
 class Stream:
@@ -270,8 +307,15 @@ class Server:
         self._idle = asyncio.Event()
         self._idle.set()
         size = self.cfg.max_message_bytes
+        # Calls that have arrived but that the loop has not picked up yet: past gRPC's
+        # defaults (1,000 soft, 3,000 hard) core cancels them unseen (plain CANCELLED), which
+        # a burst of a few thousand calls reached; room for ten queues' worth, each then
+        # answered (RESOURCE_EXHAUSTED at once when the queue is full).
+        pending = max(10 * self.cfg.max_queue, 4096)
         options = [("grpc.max_receive_message_length", size),
                    ("grpc.max_send_message_length", size),
+                   ("grpc.server.max_pending_requests", pending),
+                   ("grpc.server.max_pending_requests_hard_limit", pending),
                    # Without this a second server on the same port binds silently.
                    ("grpc.so_reuseport", 0)]
         self._grpc = grpc.aio.server(options=options)
@@ -302,7 +346,8 @@ class Server:
         """Compile every bucket, start the engine and turn health SERVING."""
         t0 = time.perf_counter()
         await asyncio.to_thread(self.engine.warmup, progress=progress)
-        self.info = self.engine.info()
+        # the front's pid beside the cores': what a soak reads the server's RSS from
+        self.info = {**self.engine.info(), "front_pid": os.getpid()}
         self.limits = Limits.from_info(self.info,
                                        has_tokenizer=self.engine.tokenizer is not None)
         self.engine.start()
@@ -386,6 +431,13 @@ class Server:
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
+        except StalledStream as e:
+            # The request is cancelled already (`_stream` closed it). The status queues behind
+            # the unread messages: the client sees it if it ever reads again, and gRPC drops
+            # the call when the client goes away or its deadline passes.
+            code = grpc.StatusCode.CANCELLED
+            self.stream_stalled("gRPC " + method, context.peer())
+            await context.abort(code, f"stream cancelled: {e}")
         except (asyncio.CancelledError, GeneratorExit):
             code = _cancel_code(context)
             raise
@@ -407,13 +459,34 @@ class Server:
 
     def _stream(self, method: str, fn, request_cls) -> grpc.RpcMethodHandler:
         async def handler(request, context):
-            async with self._guard(method, request, context):
-                async for item in fn(request, context):
-                    yield item
+            # aclosing: a stalled write must close `fn` (and cancel its request) now, not
+            # when the generator is collected
+            async with (self._guard(method, request, context),
+                        contextlib.aclosing(fn(request, context)) as items):
+                async for item in items:
+                    await self._write(context, item)
 
         return grpc.unary_stream_rpc_method_handler(
             handler, request_deserializer=_tolerant_parser(request_cls),
             response_serializer=_serialize)
+
+    async def _write(self, context, item) -> None:
+        """Send one streamed message; StalledStream when the client takes none of it within
+        `stream_timeout` (HTTP/2 flow control holds the write while the client reads
+        nothing)."""
+        try:
+            async with asyncio.timeout(self.cfg.stream_timeout):
+                await context.write(item)
+        except TimeoutError:
+            raise StalledStream(self.cfg.stream_timeout) from None
+
+    def stream_stalled(self, front: str, who: str) -> None:
+        """Log and count a stream ended because its client stopped reading (both fronts)."""
+        logger.warning("%s stream to %s: the client has read nothing for %.0f s; cancelled "
+                       "its request (its KV pages are freed)", front, who,
+                       self.cfg.stream_timeout)
+        if self.metrics is not None and hasattr(self.metrics, "count_stalled_stream"):
+            self.metrics.count_stalled_stream(front)
 
     @staticmethod
     def _check_parsed(request) -> None:

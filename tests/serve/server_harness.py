@@ -76,6 +76,13 @@ class RealServer:
     tokenizer: object
     offline: Callable[[list[list[int]], int], list[list[int]]]  # greedy offline (LLM) tokens
     pages_used: Callable[[], int]
+    http_port: int | None = None  # its OpenAI HTTP front, once `shared_http_front` started it
+
+
+HTTP_MODEL = "shared-model"  # the name the shared server's HTTP front serves
+# A minimal chat template (the dummy model has none), so chat requests reach the engine.
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 _shared: list[RealServer] = []
@@ -120,4 +127,22 @@ def shared_real_server(config) -> RealServer:
     real = RealServer(bg, engine, metrics, loaded.tokenizer, offline, pages_used)
     _shared.append(real)
     config.add_cleanup(bg.close)
+    return real
+
+
+def shared_http_front(config) -> RealServer:
+    """`shared_real_server` with the OpenAI HTTP front started on it too (once per session:
+    the fuzz and soak tests share it); its port is `RealServer.http_port`."""
+    real = shared_real_server(config)
+    if real.http_port is None:
+        from jaxinfer.chat_template import ChatTemplate
+        from serve.http_server import HttpFront
+
+        front = HttpFront(real.bg.server, host="127.0.0.1", port=0,
+                          served_model_names=[HTTP_MODEL],
+                          chat_template=ChatTemplate(CHAT_TEMPLATE, special_tokens={}),
+                          metrics=real.metrics)
+        real.http_port = real.bg.call(front.start())
+        # cleanups run last-added first: the front stops before the server closes
+        config.add_cleanup(lambda: real.bg.call(front.stop(), timeout=30))
     return real

@@ -270,7 +270,7 @@ def test_disconnect_cancels_and_frees_pages(http):
     assert _wait_pages_free(http) == 0
     generated = http.metric("jaxinfer_generation_tokens_total")
     cancelled = http.metric('jaxinfer_request_finished_total{finish_reason="cancelled"}') \
-        if "cancelled" in http.get("/metrics")[1].decode() else 0.0
+        if 'finish_reason="cancelled"' in http.get("/metrics")[1].decode() else 0.0
     long = dict(model=MODEL, prompt="def f():", max_tokens=480, temperature=0,
                 extra_body={"ignore_eos": True})
     # streaming: read one chunk, then hang up
@@ -376,3 +376,62 @@ def test_http_port_in_use_is_one_line_exit_1():
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == \
         f"serve: error: cannot listen for HTTP on 127.0.0.1:{port}: Address already in use"
+
+
+def test_client_that_stops_reading_is_cancelled_after_stream_timeout():
+    """A streaming client that reads nothing fills the socket; uvicorn's write then waits, and
+    after --stream-timeout the response is cancelled (every request of it, pages freed, a log
+    line, a metric) and the connection dropped, while another client is served as usual. On
+    the hand-computable stub engine, whose fast output fills the socket in about a second."""
+    import socket
+
+    from jaxinfer.config import ServeConfig
+    from serve.http_server import HttpFront
+    from serve.metrics import PrometheusMetrics
+    from tests.serve.server_harness import BackgroundServer
+    from tests.serve.stub_engine import StubEngine, expected_tokens
+
+    engine = StubEngine(tick=0.002, max_tokens=4000, max_seq_len=4096, num_pages=16384,
+                        max_running=64, max_queue=64)
+    metrics = PrometheusMetrics()
+    bg = BackgroundServer(engine, ServeConfig(port=0, stream_timeout=1.0), metrics=metrics)
+    front = HttpFront(bg.server, host="127.0.0.1", port=0, served_model_names=["stub"],
+                      metrics=metrics)
+    bg.call(front.start())
+    h = Http(bg, front, engine, metrics, None, None, None)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: stays small
+    try:
+        sock.connect(("127.0.0.1", front.port))
+        body = json.dumps({"model": "stub", "prompt": [[i] for i in range(16)], "n": 4,
+                           "logprobs": 5, "max_tokens": 4000, "stream": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        _wait_for(lambda: engine.stats()["running"] == 16, "the stalled requests running")
+        status, ok = h.post("/v1/completions", {"model": "stub", "prompt": [2],
+                                                "max_tokens": 50})
+        assert status == 200 and ok["choices"][0]["text"] == bytes(
+            expected_tokens([2], 50)).decode()
+        _wait_for(lambda: len(engine.cancelled) == 16, "the stalled stream cancelled", 30)
+        assert {r for _, r in engine.cancelled} == {"cancelled"}
+        _wait_for(lambda: engine.stats()["pages_used"] == 0, "pages freed")
+        # uvicorn forgets the connection (its buffered bytes go with it)
+        _wait_for(lambda: not front._uvicorn.server_state.connections, "connection dropped")
+        assert 'jaxinfer_stalled_streams_total{front="HTTP /v1/completions"} 1.0' in \
+            metrics.render().decode()
+        assert h.get("/health")[0] == 200
+    finally:
+        sock.close()
+        try:
+            bg.call(front.stop(), timeout=30)
+        finally:
+            bg.close()
+
+
+def _wait_for(pred, what: str, timeout: float = 60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

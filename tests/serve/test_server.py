@@ -175,6 +175,49 @@ def test_queue_full_is_resource_exhausted(stub_server):
     _wait_for(lambda: engine.stats()["pages_used"] == 0, what="pages freed")
 
 
+def test_burst_far_past_the_queue_gets_documented_codes():
+    """3,000 calls at once against a queue of 8: each is served or refused RESOURCE_EXHAUSTED
+    (none cancelled by gRPC core before the server sees it, as its default pending-call limit
+    did), and health answers meanwhile."""
+    import asyncio
+    import collections
+
+    engine = StubEngine(tick=0.002, max_queue=8, max_running=4)
+    bg = harness.BackgroundServer(engine, ServeConfig(port=0, max_queue=8))
+
+    async def burst():
+        channels = [grpc.aio.insecure_channel(bg.target) for _ in range(4)]
+        codes: collections.Counter = collections.Counter()
+
+        async def one(i: int) -> None:
+            try:
+                await pbg.GenerationStub(channels[i % 4]).GenerateUnary(pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=[1]), sampling=pb.SamplingParams(max_tokens=2)),
+                    timeout=60)
+                codes[grpc.StatusCode.OK] += 1
+            except grpc.aio.AioRpcError as e:
+                codes[e.code()] += 1
+
+        calls = asyncio.gather(*(one(i) for i in range(3000)))
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        status = await health_pb2_grpc.HealthStub(channels[0]).Check(
+            health_pb2.HealthCheckRequest(), timeout=10)
+        health_s = time.monotonic() - t0
+        await calls
+        for c in channels:
+            await c.close()
+        return codes, status.status, health_s
+
+    try:
+        codes, status, health_s = asyncio.run(burst())
+    finally:
+        bg.close()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] > 0 and sum(codes.values()) == 3000
+    assert status == SERVING and health_s < 5
+
+
 def test_engine_deadline_is_deadline_exceeded(stub_server):
     """The engine drops a request whose deadline passed: the call ends DEADLINE_EXCEEDED with
     the server's own message, and its pages are free."""
@@ -201,6 +244,68 @@ def test_client_cancel_cancels_in_engine(stub_server):
     call.cancel()
     _wait_for(lambda: engine.stats()["pages_used"] == 0, what="pages freed")
     assert [r for _, r in engine.cancelled] == ["cancelled"]
+
+
+def test_stream_buffer_is_one_merged_piece_per_sample():
+    """Outputs the handler has not taken are merged as they arrive: a client that falls behind
+    costs the request's tokens, never a growing queue of messages."""
+    import asyncio
+
+    from jaxinfer.engine.request import Output, Request
+    from serve.server import _Submission
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        req = Request(request_id="r", prompt_ids=[1], max_tokens=500, n=2)
+        sub = _Submission(StubEngine(), req, loop)
+        for j in range(500):
+            for i in range(2):
+                sub._push(Output(request_id="r", index=i, token_ids=(j,), text=chr(97 + j % 26),
+                                 finish_reason="length" if j == 499 else None))
+        assert len(sub._pending) == 2
+        batch = await sub.next_batch()
+        assert [o.token_ids for o in batch] == [tuple(range(500))] * 2
+        assert batch[0].text == "".join(chr(97 + j % 26) for j in range(500))
+        assert sub.finished and sub.completion_tokens == 1000
+
+    asyncio.run(run())
+
+
+def test_client_that_stops_reading_is_cancelled_after_stream_timeout():
+    """A client that reads nothing fills its HTTP/2 window; the server's write then waits, and
+    after --stream-timeout the stream is cancelled (pages freed, a log line, a metric) while a
+    well-behaved client on another channel is served as usual. The client sees CANCELLED if
+    it ever reads again."""
+    from serve.metrics import PrometheusMetrics
+
+    engine = StubEngine(tick=0.005, max_tokens=4000, max_seq_len=4096, num_pages=2048)
+    metrics = PrometheusMetrics()
+    bg = harness.BackgroundServer(engine, ServeConfig(port=0, stream_timeout=1.0),
+                                  metrics=metrics)
+    # BDP probing off keeps the client's window at 64 KiB (with it, gRPC grows it to a few
+    # MiB, which a real model fills too, only later)
+    stalled = grpc.insecure_channel(bg.target, options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        call = pbg.GenerationStub(stalled).Generate(pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[1]),
+            sampling=pb.SamplingParams(max_tokens=4000, n=4, logprobs=5)), timeout=60)
+        next(call)
+        t0 = time.monotonic()
+        good = pbg.GenerationStub(bg.channel()).GenerateUnary(pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[2]), sampling=pb.SamplingParams(max_tokens=50)),
+            timeout=30)
+        assert list(good.completions[0].token_ids) == expected_tokens([2], 50)
+        assert time.monotonic() - t0 < 5  # 50 ticks of 5 ms, not held up by the stalled one
+        _wait_for(lambda: engine.cancelled, timeout=30, what="the stalled stream cancelled")
+        assert [r for _, r in engine.cancelled] == ["cancelled"]
+        _wait_for(lambda: engine.stats()["pages_used"] == 0, what="pages freed")
+        body = metrics.render().decode()
+        assert 'jaxinfer_stalled_streams_total{front="gRPC Generate"} 1.0' in body
+        code, details = _code(lambda: list(call))
+        assert code == grpc.StatusCode.CANCELLED and "read nothing for 1 s" in details
+    finally:
+        stalled.close()
+        bg.close()
 
 
 def test_no_tokenizer_text_is_failed_precondition():
