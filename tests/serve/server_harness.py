@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
+import pytest
 
 from jaxinfer.config import ServeConfig
 from serve.server import Server
+
+REPO = Path(__file__).resolve().parents[2]
 
 # Small enough to warm up fast on two CPU cores, large enough for 200 concurrent streams (most
 # of them wait in the queue), and for requests long enough (up to MAX_SEQ_LEN tokens, every
@@ -146,3 +152,27 @@ def shared_http_front(config) -> RealServer:
         # cleanups run last-added first: the front stops before the server closes
         config.add_cleanup(lambda: real.bg.call(front.stop(), timeout=30))
     return real
+
+def wait_for(pred, timeout: float = 60.0, what: str = "condition"):
+    """Poll `pred` until it holds; the bound is generous (it returns as soon as it holds), so
+    a loaded CI machine does not fail a test that is merely slow."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status_code(call_fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call_fn()
+    return info.value.code(), info.value.details()
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
