@@ -3,9 +3,10 @@
 Most tests share ONE server on the real engine with the dummy model (`server_harness`): 200
 concurrent streams against offline greedy generation, cancellation and deadlines freeing pages,
 every bad input's status code, reflection, health, metrics, zero recompiles. `python -m serve`
-itself runs as a subprocess for SIGTERM drain and health transitions (test_server_process.py). Paths the real engine
-cannot be made to take on purpose (an engine failure inside one request, a full queue at a
-known moment, a model without a tokenizer, TLS) use the hand-computable `StubEngine`.
+itself runs as a subprocess for SIGTERM drain and health transitions in
+test_server_process.py. Paths the real engine cannot be made to take on purpose (an engine
+failure inside one request, a full queue at a known moment, a model without a tokenizer, TLS)
+use the hand-computable `StubEngine`.
 """
 
 from __future__ import annotations
