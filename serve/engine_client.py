@@ -70,6 +70,8 @@ class _Replica:
         self.stats: dict = {}
         self.recompiles = 0
         self.requests: set[str] = set()
+        self.sent = 0  # AddRequests sent; minus the core's `received`: still on the wire
+        self.received = 0
         self.dead: str | None = None  # why it stopped, once it has
         self.stopped = False  # sent its final message after Shutdown
 
@@ -340,6 +342,7 @@ class EngineClient:
             self._proc.add(req, on_output)
             try:  # under the lock: ordered before a Shutdown, and seen by a death snapshot
                 rep.send(tp.add_request(req))
+                rep.sent += 1
             except UnavailableError:
                 del self._inflight[req.request_id]
                 self._queued.discard(req.request_id)
@@ -388,9 +391,17 @@ class EngineClient:
         with self._lock:
             out["queued"] = len(self._queued)
             out["active_requests"] = len(self._inflight)
+            out["num_waiting"] = self._num_waiting()
         out["recompiles"] = self.num_recompiles
         out["replicas"] = len(self._replicas)
         return out
+
+    def _num_waiting(self) -> int:
+        """Requests waiting for a decode slot: in a live core's scheduler queue, or sent and
+        not yet taken by the core (vLLM's num_requests_waiting, plus the wire). `_queued` (no
+        output yet) is the admission count; it also holds requests already in their prefill."""
+        return sum(int(r.stats.get("waiting", 0)) + max(r.sent - r.received, 0)
+                   for r in self._replicas if r.dead is None)
 
     @property
     def num_recompiles(self) -> int:
@@ -499,6 +510,7 @@ class EngineClient:
         stats = tp.stats_of(msg.stats)
         if msg.final:
             rep.stopped = True
+        rep.received = msg.received
         cum = rep.stats
         for key in ("preemptions", "prefix_hit_tokens", "prefix_lookup_tokens",
                     "generated_tokens", "prefill_tokens"):
@@ -532,7 +544,7 @@ class EngineClient:
                 m.add_recompiles(new_recompiles)
             live = [r.stats for r in self._replicas if r.stats]
             slots = sum(s.get("num_slots", 0) for s in live) or 1
-            m.set_state(queued=len(self._queued) + sum(int(s.get("waiting", 0)) for s in live),
+            m.set_state(queued=self._num_waiting(),
                         running=sum(int(s.get("running", 0)) for s in live),
                         batch_occupancy=sum(s.get("running", 0) for s in live) / slots,
                         pages_used=sum(int(s.get("pages_used", 0)) for s in live),
@@ -575,7 +587,7 @@ class EngineClient:
             logger.info("engine: prompt %.1f tok/s, generation %.1f tok/s, running %d, "
                         "waiting %d, KV cache %.1f%% used", w["prompt"] / seconds,
                         w["generated"] / seconds, s.get("running", 0),
-                        s.get("waiting", 0) + s.get("queued", 0),
+                        s["num_waiting"],
                         100.0 * s.get("pages_used", 0) / pages if pages else 0.0)
         w["prompt"] = w["generated"] = 0.0
 

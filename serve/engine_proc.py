@@ -62,6 +62,7 @@ def serve_core(core, inbox: zmq.Socket, outbox: zmq.Socket, *, replica: int = 0,
             timeout = 0
             msg = tp.decode_to_core(inbox.recv())
             if isinstance(msg, tp.AddRequest):
+                send.received += 1
                 try:
                     core.add_request(tp.request_of(msg))
                 except JaxinferError as e:
@@ -96,6 +97,7 @@ class _Sender:
 
     def __init__(self, outbox: zmq.Socket, replica: int, core, parent_pid: int | None) -> None:
         self.outbox, self.replica, self.core, self.parent_pid = outbox, replica, core, parent_pid
+        self.received = 0  # AddRequests taken (refused ones too)
 
     def __call__(self, outs, stats, num_steps: int, failed, *, final: bool = False) -> bool:
         from jaxinfer.engine.request import StepStats
@@ -107,7 +109,7 @@ class _Sender:
                               num_slots=sched.num_slots)
         data = tp.encode(tp.Steps(self.replica, [tp.sample_of(o) for o in outs],
                                   tp.stats_list(stats), num_steps, self.core.num_recompiles,
-                                  failed, final))
+                                  failed, final, self.received))
         for waited in itertools.count(1):
             try:
                 self.outbox.send(data)

@@ -81,6 +81,8 @@ class Steps(msgspec.Struct, tag=True, array_like=True):
     recompiles: int  # compilations after warm-up so far (a bug)
     failed: list[tuple[str, str]]  # (request id, message) refused by the core
     final: bool = False  # the core's last message (after Shutdown)
+    received: int = 0  # AddRequests the core has taken so far (the front's count minus this
+    # is what is still on the wire: waiting, though no scheduler holds it yet)
 
 
 ToCore = AddRequest | Abort | Shutdown

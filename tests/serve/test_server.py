@@ -672,6 +672,30 @@ def test_queue_full_is_resource_exhausted_on_the_real_engine(real, channel):
     _idle(real)
 
 
+def _gauge(real, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", real.metrics.render().decode(), re.MULTILINE)
+    return float(m.group(1))
+
+
+def test_waiting_gauge_counts_each_waiting_request_once(real, channel):
+    """num_requests_waiting is the cores' queues plus what is still on the wire: a request
+    waiting in a core's scheduler is not counted again as 'no output yet' by the front."""
+    stub = pbg.GenerationStub(channel)
+    slots = real.engine.info()["limits"]["max_running"]
+    calls = _fillers(real, stub, slots)
+    try:
+        calls += [stub.GenerateUnary.future(FILLER, timeout=120) for _ in range(10)]
+        _wait_for(lambda: real.engine.stats()["queued"] == 10, what="10 queued")
+        _wait_for(lambda: (_gauge(real, "jaxinfer_num_requests_waiting") == 10
+                           and _gauge(real, "jaxinfer_num_requests_running") == slots),
+                  timeout=10, what="waiting gauge 10 with every slot running")
+    finally:
+        for c in calls:
+            c.cancel()
+    _idle(real)
+    _wait_for(lambda: _gauge(real, "jaxinfer_num_requests_waiting") == 0, what="waiting 0")
+
+
 def test_reflection_lists_services(real, channel):
     from google.protobuf import descriptor_pool
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
