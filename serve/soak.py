@@ -236,9 +236,10 @@ class Soak:
         return sc.http_unary(host, port, kind, body, timeout=t, content_type=ctype, path=path)
 
     async def run_many(self, kinds: Sequence[str], *, concurrency: int,
-                       until: float | None = None) -> list[sc.Outcome]:
+                       until: float | None = None, release: bool = True) -> list[sc.Outcome]:
         """Run `kinds` in order, at most `concurrency` at once, starting none after `until`
-        (time.monotonic()); stalled clients are released when the rest are done."""
+        (time.monotonic()); stalled clients are released when the rest are done (`release`
+        False: the caller releases `self.hold`)."""
         sem = asyncio.Semaphore(concurrency)
         stalled: list[asyncio.Task] = []
         results: list[sc.Outcome] = []
@@ -260,9 +261,10 @@ class Soak:
             task = asyncio.create_task(one(kind))
             (stalled if kind.endswith("_stalled") else tasks).append(task)
         await asyncio.gather(*tasks)
-        self.hold.set()
-        await asyncio.gather(*stalled)
-        self.hold = asyncio.Event()
+        if release:
+            self.hold.set()
+            await asyncio.gather(*stalled)
+            self.hold = asyncio.Event()
         return results
 
 
@@ -310,24 +312,32 @@ def rss_bytes(pids: Sequence[int]) -> int | None:
 
 
 def scrape(base_url: str) -> dict[str, float]:
-    """The unlabelled (or model_name-labelled) samples of the server's /metrics."""
+    """The unlabelled (or model_name-labelled) samples of the server's /metrics, and under
+    "NAME:sum" each family's sum over all its labels."""
     with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    out = {}
+    out: dict[str, float] = {}
     for name, value in re.findall(r"^(jaxinfer_\w+)(?:\{model_name=\"[^\"]*\"\})? (\S+)$", text,
                                   re.MULTILINE):
         out[name] = float(value)
+    for name, value in re.findall(r"^(jaxinfer_\w+)(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE):
+        out[name + ":sum"] = out.get(name + ":sum", 0.0) + float(value)
     return out
 
 
-async def wait_idle(base_url: str, timeout: float) -> dict[str, float]:
-    """The metrics once nothing runs, waits or holds a page (or the last ones seen)."""
+FINISHED = "jaxinfer_request_finished_total:sum"
+
+
+async def wait_idle(base_url: str, timeout: float, finished: float = 0.0) -> dict[str, float]:
+    """The metrics once nothing runs, waits or holds a page and at least `finished` requests
+    have finished in all (or the last ones seen after `timeout` seconds)."""
     end = time.monotonic() + timeout
     while True:
         m = await asyncio.to_thread(scrape, base_url)
         idle = (m.get("jaxinfer_num_requests_running") == 0
                 and m.get("jaxinfer_num_requests_waiting") == 0
-                and m.get("jaxinfer_kv_pages_used") == 0)
+                and m.get("jaxinfer_kv_pages_used") == 0
+                and m.get(FINISHED, 0.0) >= finished)
         if idle or time.monotonic() > end:
             return m
         await asyncio.sleep(0.2)
@@ -355,12 +365,52 @@ async def burst(soak: Soak, n: int, slo: float) -> dict:
     done.set()
     await watcher
     refused = [o for o in outcomes if o.code in ("RESOURCE_EXHAUSTED", "HTTP 429")]
+    took = sorted(o.seconds for o in refused) or [0.0]
     return {"outcomes": outcomes, "refused": len(refused),
-            "refusal_s_max": max((o.seconds for o in refused), default=0.0),
+            "refusal_s_max": took[-1], "refusal_s_p50": took[len(took) // 2],
+            "refusal_s_p99": took[min(len(took) - 1, int(len(took) * 0.99))],
             "health_s_max": max(latencies, default=float("inf")),
             "health_checks": len(latencies), "health_statuses": dict(statuses),
             "health_ok": bool(latencies) and max(latencies) <= slo and all(
                 w.startswith("SERVING") for w in statuses)}
+
+
+async def stalled(soak: Soak, n: int, requests: int, concurrency: int, tokens: int,
+                  idle_timeout: float) -> dict:
+    """Well-behaved clients' TTFT without and then with `n` clients that stopped reading:
+    `requests` plain streams at `concurrency` (the baseline); then `n` stalled streams of
+    `tokens` tokens each (half gRPC, half HTTP) are started and, once the server has generated
+    their tokens (all `n` finished in the engine, nothing runs or waits), the same plain load
+    runs again beside them. The
+    stalled clients cost the server only their buffers and blocked writes by then, which must
+    not slow anyone else down."""
+    kinds = ["grpc_stream" if soak.http is None or k % 2 else "http_stream"
+             for k in range(requests)]
+    base = await soak.run_many(kinds, concurrency=concurrency, release=False)
+    before = (await asyncio.to_thread(scrape, soak.args.http_url)).get(FINISHED, 0.0)
+    held = []
+    for k in range(n):  # index -1: longer than the reference, so their tokens go unchecked
+        p = soak.prompts[soak.rng.randrange(len(soak.prompts))]
+        if soak.http is not None and k % 2:
+            coro = sc.http_stalled(*soak.http, soak.model_name, "http_stalled", -1, p, tokens,
+                                   hold=soak.hold)
+        else:
+            coro = sc.grpc_stream(soak.stub(), "grpc_stalled", -1, p, tokens,
+                                  timeout=soak.args.request_timeout, hold=soak.hold)
+        held.append(asyncio.create_task(coro))
+    idle = await wait_idle(soak.args.http_url, idle_timeout, finished=before + n)
+    generated = idle.get(FINISHED, 0.0) >= before + n
+    beside = await soak.run_many(kinds, concurrency=concurrency, release=False)
+    soak.hold.set()
+    held_out = await asyncio.gather(*held)
+    soak.hold = asyncio.Event()
+
+    def p99(outs):
+        t = sorted(o.ttft for o in outs if o.code == "OK" and o.ttft is not None)
+        return t[min(len(t) - 1, int(len(t) * 0.99))] if t else None
+
+    return {"outcomes": base + beside + list(held_out), "ttft_p99_alone": p99(base),
+            "ttft_p99_beside": p99(beside), "generated": generated}
 
 
 async def drain(soak: Soak, proc: subprocess.Popen | None, pid: int, streams: int) -> dict:
@@ -543,6 +593,32 @@ async def run(args: argparse.Namespace, serve_args: list[str]) -> tuple[list[dic
             check("soak", key, not bad[key], len(bad[key]), unit,
                   f"{len(bad[key])}, e.g. {bad[key][0]}" if bad[key] else "")
 
+        if args.stalled:
+            st = await stalled(soak, args.stalled, args.stalled_requests,
+                               args.stalled_concurrency, args.stalled_tokens,
+                               args.idle_timeout)
+            st_bad = classify(st["outcomes"], soak.reference, args.max_tokens)
+            for (kind, code), k in sorted(collections.Counter(
+                    (o.kind, o.code) for o in st["outcomes"]).items()):
+                emit(rows, base, f"{kind}:{code}", k, "requests", phase="stalled", kind=kind,
+                     code=code)
+            check("stalled", "stalled_requests_generated", st["generated"], st["generated"],
+                  "bool", f"the stalled clients' requests did not finish within "
+                  f"{args.idle_timeout:.0f} s, so the second run overlapped them")
+            alone, beside = st["ttft_p99_alone"], st["ttft_p99_beside"]
+            emit(rows, base, "ttft_p99_alone_ms", alone and round(1e3 * alone, 2), "ms",
+                 phase="stalled")
+            emit(rows, base, "ttft_p99_beside_stalled_ms", beside and round(1e3 * beside, 2),
+                 "ms", phase="stalled", stalled_clients=args.stalled)
+            ratio = beside / alone if alone and beside else None
+            check("stalled", "ttft_p99_ratio", ratio is not None
+                  and ratio <= args.stalled_ttft_ratio, ratio and round(ratio, 3), "ratio",
+                  f"TTFT p99 beside {args.stalled} stalled clients is {ratio and round(ratio, 2)}x"
+                  f" the run without them (allowed {args.stalled_ttft_ratio}x)")
+            for key in ("wrong", "lost", "twice", "unexpected"):
+                check("stalled", key, not st_bad[key], len(st_bad[key]), "requests",
+                      f"{len(st_bad[key])}, e.g. {st_bad[key][0]}" if st_bad[key] else "")
+
         if args.burst:
             n = max(1, int(args.burst * int(limits.max_queue)))
             b = await burst(soak, n, args.health_slo)
@@ -553,8 +629,9 @@ async def run(args: argparse.Namespace, serve_args: list[str]) -> tuple[list[dic
                 emit(rows, base, f"{kind}:{code}", k, "requests", phase="burst", kind=kind,
                      code=code)
             emit(rows, base, "burst_refused", b["refused"], "requests", phase="burst")
-            emit(rows, base, "burst_refusal_s_max", round(b["refusal_s_max"], 3), "s",
-                 phase="burst")
+            for q in ("p50", "p99", "max"):
+                emit(rows, base, f"burst_refusal_s_{q}", round(b[f"refusal_s_{q}"], 3), "s",
+                     phase="burst")
             check("burst", "health_s_max", b["health_ok"], round(b["health_s_max"], 3), "s",
                   f"health took up to {b['health_s_max']:.2f} s ({b['health_statuses']})")
             for key in ("wrong", "lost", "twice", "unexpected"):
@@ -639,6 +716,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between a slow reader's reads")
     p.add_argument("--request-timeout", type=float, default=300.0,
                    help="client deadline of a request: one past it is lost")
+    p.add_argument("--stalled", type=int, default=100,
+                   help="clients that stop reading in the stalled phase (0: no such phase)")
+    p.add_argument("--stalled-tokens", type=int, default=96,
+                   help="tokens each stalled client asks for (enough to fill its buffers)")
+    p.add_argument("--stalled-requests", type=int, default=100,
+                   help="well-behaved streams timed without and beside the stalled clients")
+    p.add_argument("--stalled-concurrency", type=int, default=8,
+                   help="how many of those run at once")
+    p.add_argument("--stalled-ttft-ratio", type=float, default=2.0,
+                   help="allowed TTFT p99 beside the stalled clients over without them")
     p.add_argument("--burst", type=float, default=10.0,
                    help="burst size as a multiple of the server's max_queue (0: none)")
     p.add_argument("--health-slo", type=float, default=1.0,
@@ -662,9 +749,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("requests", "concurrency", "max_tokens", "prompts", "channels"):
+    for name in ("requests", "concurrency", "max_tokens", "prompts", "channels",
+                 "stalled_tokens", "stalled_requests", "stalled_concurrency"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.stalled < 0:
+        raise UsageError("--stalled must be >= 0")
     if args.duration <= 0 or args.request_timeout <= 0:
         raise UsageError("--duration and --request-timeout must be > 0")
     parse_mix(args.mix)

@@ -47,14 +47,20 @@ def test_small_soak_on_the_shared_server(request):
         "--target", real.bg.target, "--http-url", f"http://127.0.0.1:{real.http_port}",
         "--requests", "300", "--concurrency", "200", "--max-tokens", "12", "--prompts", "8",
         "--warmup", "32", "--duration", "60", "--burst", "2", "--slow-interval", "0.3",
-        "--request-timeout", "120", "--connect-timeout", "30"])
+        "--request-timeout", "120", "--connect-timeout", "30", "--stalled", "40",
+        "--stalled-tokens", "48", "--stalled-requests", "40", "--stalled-concurrency", "4",
+        "--stalled-ttft-ratio", "3"])  # (a shared 2-core CI machine: the record holds 2x)
     import asyncio
 
     rows, failed = asyncio.run(soak.run(args, []))
     assert failed == []
     checks = {r["check"] for r in rows if "check" in r}
     assert {"wrong", "lost", "twice", "unexpected", "health_s_max", "rss_growth",
-            "jaxinfer_kv_pages_used"} <= checks
+            "jaxinfer_kv_pages_used", "ttft_p99_ratio"} <= checks
+    stalled = {(r["kind"], r["code"]): r["value"] for r in rows
+               if r.get("phase") == "stalled" and "kind" in r}
+    assert stalled[("grpc_stream", "OK")] + stalled[("http_stream", "OK")] == 80
+    assert stalled[("http_stalled", "STALLED")] == 20
     seen = {(r["kind"], r["code"]) for r in rows if "kind" in r}
     # the chaos happened: answers checked on both fronts, cuts, refusals of bad input
     assert {("grpc_stream", "OK"), ("http_stream", "OK"), ("grpc_cancel", "CANCELLED"),
