@@ -16,18 +16,21 @@ kind drawn by its share (`--mix`): plain gRPC streams, unary calls and HTTP stre
 that cancel at a random point, that disconnect without cancelling (gRPC: close the channel;
 HTTP: drop the connection), slow readers (one message per `--slow-interval`), clients that
 stop reading altogether (held until the phase ends), short deadlines, and malformed requests;
-(4) burst: `--burst` x max_queue requests at once while health checks are timed; (5) idle:
-the server's /metrics must show nothing running or waiting and no KV page held; (6, with
-`--sigterm`) drain: SIGTERM while `--drain-streams` streams run.
+(4) stalled: `--stalled-requests` plain streams (`--stalled-concurrency` at once) are timed
+alone, then again beside `--stalled` clients that stopped reading once the server has
+generated their tokens; (5) burst: `--burst` x max_queue requests at once while health checks
+are timed; (6) idle: the server's /metrics must show nothing running or waiting and no KV page
+held; (7, with `--sigterm`) drain: SIGTERM while `--drain-streams` streams run.
 
 Checks (each a JSON line with `"check"` and `"ok"`; exit 1 with a one-line reason when one
 fails): every request that was not cancelled completes with the reference's tokens (gRPC: the
 ids; HTTP: the text and the count), none is lost (no outcome, a stream without its finish or
 [DONE]) or answered twice (a message after the finish), every status is one its kind may end
 with (`EXPECTED`), RSS grows at most `--max-rss-growth` over the baseline, health answered
-within `--health-slo` s during the burst, the metrics are idle afterwards, and (drain) every
-stream in flight at SIGTERM finished or ended UNAVAILABLE, new requests were refused with
-UNAVAILABLE / 503 (or a closed port), and the process exited 0.
+within `--health-slo` s during the burst, TTFT p99 beside the stalled clients is at most
+`--stalled-ttft-ratio` times TTFT p99 without them, the metrics are idle afterwards, and
+(drain) every stream in flight at SIGTERM finished or ended UNAVAILABLE, new requests were
+refused with UNAVAILABLE / 503 (or a closed port), and the process exited 0.
 
 Output (STYLE.md rule 17): one JSON object per metric and per check on stdout, a table on
 stderr. Exit codes: 0 every check passed; 1 a check failed or the server could not be used;
