@@ -14,7 +14,8 @@
 #   bash benchmarks/gpu_campaign.sh spec_synthetic  # speed vs acceptance (1B shape), n-gram on demo
 #   MODEL=... bash benchmarks/gpu_campaign.sh spec_curve  # speed vs acceptance, k, adaptive
 #   bash benchmarks/gpu_campaign.sh spec_repeat     # n-gram on prompts that the answer quotes
-#   bash benchmarks/gpu_campaign.sh e2e       # jaxinfer.bench bf16, int8, fp8 at batch 1/32/64
+#   bash benchmarks/gpu_campaign.sh e2e       # jaxinfer.bench bf16, int8, fp8, int4 at b 1/32/64
+#   bash benchmarks/gpu_campaign.sh soak      # python -m serve.soak on the demo model (issue 20)
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
 #   bash benchmarks/gpu_campaign.sh serving_dp   # served throughput, dp=1 vs dp=2 (2 GPUs)
 #   bash benchmarks/gpu_campaign.sh serving_multihost   # tp=2: one process vs two (2 GPUs)
@@ -364,12 +365,28 @@ spec_curve() {
 # e2e: the end-to-end bench of the 1B shape (STYLE: after any change on the decode path), bf16
 # and each quant mode, batch 1/32/64. Writes e2e_$MODEL.jsonl.
 e2e() {
-  for q in none int8 fp8; do
+  for q in ${E2E_QUANTS:-none int8 fp8 int4-g128}; do
     step "e2e bench $MODEL quant=$q"
     timeout 170 $PY -m jaxinfer.bench --model "$MODEL" --kernels pallas --quant "$q" \
       --batch ${E2E_BATCH:-1,32,64} --prompt-len 128 --gen-len 256 --repeat 2 \
       >>"$OUT/e2e_$MODEL.jsonl" 2>>"$OUT/e2e.err"
   done
+}
+
+# soak: the soak and chaos harness against a server it starts on the demo model (SOAK_MODEL):
+# 1,000 streams at once for SOAK_S seconds, the stalled phase, a burst 4x the queue, SIGTERM
+# under load. The server needs grpc health/reflection, fastapi, uvicorn, pyzmq and msgspec
+# (where they are missing: `pip download -d .whl` them here, carry .whl, and first run
+# `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` with /tmp/site on PYTHONPATH).
+# Writes soak_h200.jsonl, soak.err, soak_server.log.
+soak() {
+  step "soak ${SOAK_MODEL:-demo} ${SOAK_S:-300}s"
+  echo "{\"command\": \"python -m serve.soak --requests ${SOAK_REQUESTS:-20000} --concurrency 1000 --duration ${SOAK_S:-300} --burst 4 --sigterm --drain-streams 200 -- --model ${SOAK_MODEL:-demo} --max-queue 1024\"}" >"$OUT/soak_h200.jsonl"
+  timeout $((${SOAK_S:-300} + 240)) $PY -m serve.soak --requests ${SOAK_REQUESTS:-20000} \
+    --concurrency 1000 --duration ${SOAK_S:-300} --burst 4 --sigterm --drain-streams 200 \
+    --server-log "$OUT/soak_server.log" -- --model ${SOAK_MODEL:-demo} --max-queue 1024 \
+    >>"$OUT/soak_h200.jsonl" 2>"$OUT/soak.err"
+  echo "soak exit $?" >>"$OUT/campaign.log"
 }
 
 for what in "$@"; do "$what"; done

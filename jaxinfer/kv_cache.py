@@ -106,13 +106,27 @@ def write_slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array,
 HOST_CACHE_BYTES = 4 * 2**30
 
 
+def _device_kv_heads(model: ModelConfig, mesh: jax.sharding.Mesh) -> int:
+    """KV heads on one device: split over tp unless replicated."""
+    tp = mesh.shape.get("tp", 1)
+    return model.num_kv_heads // tp if model.num_kv_heads % tp == 0 else model.num_kv_heads
+
+
+def max_pages(model: ModelConfig, engine: EngineConfig, mesh: jax.sharding.Mesh) -> int:
+    """The most pages the pool may have: the GPU paged-attention kernels address one layer's
+    cache on a device (kv heads x pages x page size x head dim elements) with int32 offsets,
+    and past 2**31 elements they read the wrong pages (measured on an H200: the demo model's
+    default pool of 1.2M pages answered wrong tokens; 400k pages answered right)."""
+    per_page = _device_kv_heads(model, mesh) * engine.page_size * model.head_dim
+    return (2**31 - 1) // per_page
+
+
 def page_bytes(model: ModelConfig, engine: EngineConfig, mesh: jax.sharding.Mesh) -> int:
     """Bytes one KV page takes on the fullest device of `mesh` (layers split over pp, KV heads
     over tp unless replicated), scales included."""
     pp = mesh.shape.get("pp", 1)
-    tp = mesh.shape.get("tp", 1)
     layers = model.num_layers // pp
-    heads = model.num_kv_heads // tp if model.num_kv_heads % tp == 0 else model.num_kv_heads
+    heads = _device_kv_heads(model, mesh)
     item = jnp.dtype(engine.kv_dtype).itemsize
     per_page = 2 * layers * heads * engine.page_size * model.head_dim * item
     if is_quantized(engine):
@@ -133,8 +147,9 @@ def size_pool(model: ModelConfig, engine: EngineConfig, mesh: jax.sharding.Mesh,
               reserved_bytes: int = 0, extra_page_bytes: int = 0) -> int:
     """Pages for `engine.num_pages` None: on devices with memory statistics (GPU), what fits in
     `gpu_memory_utilization` of the fullest device's memory after what is in use now (the
-    weights) and `reserved_bytes` (slot state, activations); elsewhere every decode slot at
-    `max_seq_len`, within HOST_CACHE_BYTES. At least one sequence of `max_seq_len`.
+    weights) and `reserved_bytes` (slot state, activations), at most `max_pages`; elsewhere
+    every decode slot at `max_seq_len`, within HOST_CACHE_BYTES. At least one sequence of
+    `max_seq_len`.
     `extra_page_bytes`: what each page costs besides the model's KV (a draft model's cache)."""
     per_page = page_bytes(model, engine, mesh) + extra_page_bytes
     want = engine.num_slots * engine.pages_per_seq
@@ -148,7 +163,7 @@ def size_pool(model: ModelConfig, engine: EngineConfig, mesh: jax.sharding.Mesh,
         free = room if free is None else min(free, room)
     if free is None:
         return max(min(want, HOST_CACHE_BYTES // per_page), engine.pages_per_seq)
-    pages = int(free // per_page)
+    pages = min(int(free // per_page), max_pages(model, engine, mesh))
     if pages < engine.pages_per_seq:
         raise ConfigError(
             f"the KV cache does not fit: {max(free, 0) / 2**30:.2f} GiB left of "

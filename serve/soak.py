@@ -552,10 +552,19 @@ async def run(args: argparse.Namespace, serve_args: list[str]) -> tuple[list[dic
                     requests=args.requests, concurrency=args.concurrency,
                     max_tokens=args.max_tokens, max_queue=int(limits.max_queue))
 
-        def check(phase: str, name: str, ok: bool, value, unit: str, why: str) -> None:
-            emit(rows, base, name, value, unit, phase=phase, check=name, ok=bool(ok))
+        def check(phase: str, name: str, ok: bool, value, unit: str, why: str,
+                  **extra) -> None:
+            emit(rows, base, name, value, unit, phase=phase, check=name, ok=bool(ok), **extra)
             if not ok:
                 failed.append(f"{phase}: {name}: {why}")
+
+        def check_outcomes(phase: str, bad: dict[str, list]) -> None:
+            """The wrong/lost/twice/unexpected checks, with the first few cases of each."""
+            for key in ("wrong", "lost", "twice", "unexpected"):
+                found = bad[key]
+                check(phase, key, not found, len(found), "requests",
+                      f"{len(found)}, e.g. {found[0]}" if found else "",
+                      **({"examples": found[:3]} if found else {}))
 
         t0 = time.monotonic()
         await soak.build_reference()
@@ -591,10 +600,7 @@ async def run(args: argparse.Namespace, serve_args: list[str]) -> tuple[list[dic
         tokens = sum(len(o.token_ids) for o in outcomes)
         emit(rows, base, "output_tok_s", round(tokens / max(soak_s, 1e-9), 1), "tok/s",
              phase="soak")
-        for key, unit in (("wrong", "requests"), ("lost", "requests"), ("twice", "requests"),
-                          ("unexpected", "requests")):
-            check("soak", key, not bad[key], len(bad[key]), unit,
-                  f"{len(bad[key])}, e.g. {bad[key][0]}" if bad[key] else "")
+        check_outcomes("soak", bad)
 
         if args.stalled:
             st = await stalled(soak, args.stalled, args.stalled_requests,
@@ -618,9 +624,7 @@ async def run(args: argparse.Namespace, serve_args: list[str]) -> tuple[list[dic
                   and ratio <= args.stalled_ttft_ratio, ratio and round(ratio, 3), "ratio",
                   f"TTFT p99 beside {args.stalled} stalled clients is {ratio and round(ratio, 2)}x"
                   f" the run without them (allowed {args.stalled_ttft_ratio}x)")
-            for key in ("wrong", "lost", "twice", "unexpected"):
-                check("stalled", key, not st_bad[key], len(st_bad[key]), "requests",
-                      f"{len(st_bad[key])}, e.g. {st_bad[key][0]}" if st_bad[key] else "")
+            check_outcomes("stalled", st_bad)
 
         if args.burst:
             n = max(1, int(args.burst * int(limits.max_queue)))
@@ -637,9 +641,7 @@ async def run(args: argparse.Namespace, serve_args: list[str]) -> tuple[list[dic
                      phase="burst")
             check("burst", "health_s_max", b["health_ok"], round(b["health_s_max"], 3), "s",
                   f"health took up to {b['health_s_max']:.2f} s ({b['health_statuses']})")
-            for key in ("wrong", "lost", "twice", "unexpected"):
-                check("burst", key, not b_bad[key], len(b_bad[key]), "requests",
-                      f"{len(b_bad[key])}, e.g. {b_bad[key][0]}" if b_bad[key] else "")
+            check_outcomes("burst", b_bad)
 
         m = await wait_idle(args.http_url, args.idle_timeout)
         for name in ("jaxinfer_num_requests_running", "jaxinfer_num_requests_waiting",

@@ -41,7 +41,7 @@ from jaxinfer.engine.request import (FinishReason, Limits, Request, SampleOutput
 from jaxinfer.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 from jaxinfer.engine.spec_plan import SpecPlan
 from jaxinfer.errors import ConfigError, RequestError
-from jaxinfer.kv_cache import memory_stats, page_bytes, size_pool
+from jaxinfer.kv_cache import max_pages, memory_stats, page_bytes, size_pool
 from jaxinfer.runner import Runner
 from sharding.mesh import MeshSpec
 
@@ -474,6 +474,13 @@ def resolve_engine_config(cfg: ModelConfig, engine_cfg: EngineConfig, mesh, *,
         eng = dataclasses.replace(eng, num_pages=pages)
         how = (f"gpu_memory_utilization {eng.gpu_memory_utilization}"
                if memory_stats(next(iter(mesh.devices.flat))) else "every slot at max_seq_len")
+        if pages == max_pages(cfg, eng, mesh):
+            how += ", capped at the kernels' 2**31-element layer cache"
+    elif eng.num_pages > max_pages(cfg, eng, mesh):
+        raise ConfigError(
+            f"--num-pages {eng.num_pages} is more than the {max_pages(cfg, eng, mesh)} pages "
+            f"one layer's KV cache may hold on a device (its elements are addressed with int32 "
+            "offsets); give fewer")
     pages = eng.pool_pages
     logger.info("KV cache: %d pages of %d tokens = %d tokens, %.2f GiB per device (%s); "
                 "max sequences %d, max context %d tokens; kernels %s", pages, eng.page_size,
