@@ -112,12 +112,13 @@ def _device_kv_heads(model: ModelConfig, mesh: jax.sharding.Mesh) -> int:
     return model.num_kv_heads // tp if model.num_kv_heads % tp == 0 else model.num_kv_heads
 
 
-def max_pages(model: ModelConfig, engine: EngineConfig, mesh: jax.sharding.Mesh) -> int:
+def max_pages(model: ModelConfig, engine: EngineConfig) -> int:
     """The most pages the pool may have: the GPU paged-attention kernels address one layer's
-    cache on a device (kv heads x pages x page size x head dim elements) with int32 offsets,
-    and past 2**31 elements they read the wrong pages (measured on an H200: the demo model's
-    default pool of 1.2M pages answered wrong tokens; 400k pages answered right)."""
-    per_page = _device_kv_heads(model, mesh) * engine.page_size * model.head_dim
+    and one KV head's pages (pages x page size x head dim elements) with int32 byte offsets,
+    and past 2**31 bytes they read the wrong pages. Measured on an H200 with the demo model
+    (2 KV heads, head dim 64, pages of 16): bfloat16 at 2.4M pages and float32 at 1.2M and
+    1M pages answered wrong tokens; 400k pages in either answered right."""
+    per_page = engine.page_size * model.head_dim * jnp.dtype(engine.kv_dtype).itemsize
     return (2**31 - 1) // per_page
 
 
@@ -163,7 +164,7 @@ def size_pool(model: ModelConfig, engine: EngineConfig, mesh: jax.sharding.Mesh,
         free = room if free is None else min(free, room)
     if free is None:
         return max(min(want, HOST_CACHE_BYTES // per_page), engine.pages_per_seq)
-    pages = min(int(free // per_page), max_pages(model, engine, mesh))
+    pages = min(int(free // per_page), max_pages(model, engine))
     if pages < engine.pages_per_seq:
         raise ConfigError(
             f"the KV cache does not fit: {max(free, 0) / 2**30:.2f} GiB left of "

@@ -474,13 +474,13 @@ def resolve_engine_config(cfg: ModelConfig, engine_cfg: EngineConfig, mesh, *,
         eng = dataclasses.replace(eng, num_pages=pages)
         how = (f"gpu_memory_utilization {eng.gpu_memory_utilization}"
                if memory_stats(next(iter(mesh.devices.flat))) else "every slot at max_seq_len")
-        if pages == max_pages(cfg, eng, mesh):
-            how += ", capped at the kernels' 2**31-element layer cache"
-    elif eng.num_pages > max_pages(cfg, eng, mesh):
+        if pages == max_pages(cfg, eng):
+            how += ", capped: the kernels address a layer's head's pages in int32 bytes"
+    elif eng.num_pages > max_pages(cfg, eng):
         raise ConfigError(
-            f"--num-pages {eng.num_pages} is more than the {max_pages(cfg, eng, mesh)} pages "
-            f"one layer's KV cache may hold on a device (its elements are addressed with int32 "
-            "offsets); give fewer")
+            f"--num-pages {eng.num_pages} is more than the {max_pages(cfg, eng)} pages "
+            f"the GPU kernels can address (one layer's and head's pages must stay under 2**31 "
+            "bytes); give fewer")
     pages = eng.pool_pages
     logger.info("KV cache: %d pages of %d tokens = %d tokens, %.2f GiB per device (%s); "
                 "max sequences %d, max context %d tokens; kernels %s", pages, eng.page_size,

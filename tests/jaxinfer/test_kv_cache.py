@@ -108,33 +108,30 @@ def test_quantized_cache_has_per_page_per_head_scales(kv_dtype):
         init_cache(model, engine, tree_shardings(mesh, cache_axes()))
 
 
-def test_pool_stays_within_the_kernels_int32_layer_cache(monkeypatch):
-    """On a device with room for more, the pool stops where one layer's cache on a device
-    reaches 2**31 elements (the GPU kernels' int32 offsets; an H200 answered wrong tokens past
-    it); tensor parallelism splits the KV heads, so each device may hold more pages; an
-    explicit num_pages past it is a clear error."""
-    import types
-
+def test_pool_stays_within_the_kernels_int32_offsets(monkeypatch):
+    """On a device with room for more, the pool stops where one layer's and head's pages reach
+    2**31 bytes (the GPU kernels' int32 offsets; an H200 answered wrong tokens past it), for
+    each cache dtype; an explicit num_pages past it is a clear error."""
     from jaxinfer import kv_cache
     from jaxinfer.config import EngineConfig, preset
     from jaxinfer.engine.core import resolve_engine_config
     from jaxinfer.errors import ConfigError
 
     model = preset("dummy")
-    engine = EngineConfig(page_size=16, max_seq_len=64)
     one = jax.make_mesh((1,), ("tp",), devices=jax.devices()[:1])
-    per_page = model.num_kv_heads * 16 * model.head_dim
-    cap = kv_cache.max_pages(model, engine, one)
-    assert cap == (2**31 - 1) // per_page and cap * per_page < 2**31 <= (cap + 1) * per_page
-    tp2 = types.SimpleNamespace(shape={"tp": 2}, devices=np.array(jax.devices()[:1]))
-    assert kv_cache.max_pages(model, engine, tp2) == (2**31 - 1) // (per_page // 2)
-
-    monkeypatch.setattr(kv_cache, "memory_stats", lambda d: {"bytes_limit": 2**50})
-    assert kv_cache.size_pool(model, engine, one) == cap
+    for cache_dtype, item in ((None, jnp.dtype(EngineConfig().dtype).itemsize), ("int8", 1),
+                              ("float32", 4)):
+        engine = EngineConfig(page_size=16, max_seq_len=64, cache_dtype=cache_dtype)
+        per_page = 16 * model.head_dim * item
+        cap = kv_cache.max_pages(model, engine)
+        assert cap * per_page < 2**31 <= (cap + 1) * per_page
+        monkeypatch.setattr(kv_cache, "memory_stats", lambda d: {"bytes_limit": 2**50})
+        assert kv_cache.size_pool(model, engine, one) == cap
     monkeypatch.setattr(kv_cache, "memory_stats", lambda d: {"bytes_limit": 2**30})
     assert kv_cache.size_pool(model, engine, one) < cap
-    with pytest.raises(ConfigError, match="int32"):
+    with pytest.raises(ConfigError, match="2\\*\\*31 bytes"):
         resolve_engine_config(model, EngineConfig(page_size=16, max_seq_len=64,
-                                                  num_pages=cap + 1), one)
+                                                  num_pages=cap + 1, cache_dtype="float32"), one)
     assert resolve_engine_config(model, EngineConfig(page_size=16, max_seq_len=64,
-                                                     num_pages=cap), one).num_pages == cap
+                                                     num_pages=cap, cache_dtype="float32"),
+                                 one).num_pages == cap
