@@ -240,29 +240,48 @@ class Soak:
 
     async def run_many(self, kinds: Sequence[str], *, concurrency: int,
                        until: float | None = None, release: bool = True) -> list[sc.Outcome]:
-        """Run `kinds` in order, at most `concurrency` at once, starting none after `until`
-        (time.monotonic()); stalled clients are released when the rest are done (`release`
-        False: the caller releases `self.hold`)."""
+        """Run `kinds` in order, at most `concurrency` at once besides the stalled clients,
+        starting none after `until` (time.monotonic()). Stalled clients hold no slot (else
+        enough of them would take every slot and nothing would finish); they are let go in
+        waves of `concurrency // 4` as more arrive, and the last wave once the rest are done
+        (`release` False: the caller releases `self.hold`)."""
         sem = asyncio.Semaphore(concurrency)
+        wave = max(1, concurrency // 4)
         stalled: list[asyncio.Task] = []
         results: list[sc.Outcome] = []
 
-        async def one(kind: str) -> None:
+        hung = self.args.request_timeout + 60  # every client bounds its own wait before
+
+        async def one(kind: str, coro) -> None:
             try:
-                results.append(await self.run_kind(kind))
+                if kind.endswith("_stalled"):
+                    results.append(await coro)
+                else:
+                    results.append(await asyncio.wait_for(coro, hung))
+            except TimeoutError:  # a harness bug: say so, do not hang the soak
+                results.append(sc.Outcome(kind, kind.split("_")[0], "CLIENT_HUNG",
+                                          detail=f"no outcome after {hung:.0f} s"))
             except Exception as e:  # a harness bug or a refused connection: an outcome too
                 results.append(sc.Outcome(kind, kind.split("_")[0], "CLIENT_ERROR",
                                           detail=f"{type(e).__name__}: {e}"))
             finally:
-                sem.release()
+                if not kind.endswith("_stalled"):
+                    sem.release()
 
         tasks = []
+        parked = 0
         for kind in kinds:
             if until is not None and time.monotonic() > until:
                 break
+            if kind.endswith("_stalled"):
+                if parked == wave:  # let the parked ones go; the next ones wait on a new event
+                    self.hold.set()
+                    self.hold, parked = asyncio.Event(), 0
+                parked += 1
+                stalled.append(asyncio.create_task(one(kind, self.run_kind(kind))))
+                continue
             await sem.acquire()
-            task = asyncio.create_task(one(kind))
-            (stalled if kind.endswith("_stalled") else tasks).append(task)
+            tasks.append(asyncio.create_task(one(kind, self.run_kind(kind))))
         await asyncio.gather(*tasks)
         if release:
             self.hold.set()

@@ -64,10 +64,11 @@ async def grpc_stream(stub, kind: str, index: int, prompt: list[int], max_tokens
             _add_grpc_message(out, msg, t0)
             if hold is not None:
                 await hold.wait()
+            if hold is not None or (read_at_most is not None and read >= read_at_most):
+                # the client cuts the stream: its tokens must be a prefix, whether or not
+                # the server had finished it meanwhile (then cancel() is a no-op)
                 call.cancel()
-                break
-            if read_at_most is not None and read >= read_at_most:
-                call.cancel()
+                out.code = "CANCELLED"
                 break
             if pause:
                 await asyncio.sleep(pause)

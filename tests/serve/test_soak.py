@@ -38,6 +38,35 @@ def test_checks_catch_wrong_lost_twice_and_unexpected():
     assert [len(bad[k]) for k in ("wrong", "lost", "twice", "unexpected")] == [2, 1, 1, 2]
 
 
+def test_stalled_clients_never_take_every_slot():
+    """More stalled clients than slots: they hold none and are let go in waves, so the plain
+    requests behind them still run (with slots held by stalled clients, the 60,000-request H200
+    soak deadlocked once 1,000 of them were parked)."""
+    import asyncio
+    import types
+
+    s = soak.Soak.__new__(soak.Soak)
+    s.hold, s.args = asyncio.Event(), types.SimpleNamespace(request_timeout=5.0)
+    waves = []
+
+    async def client(kind, hold):
+        if kind.endswith("_stalled"):
+            await hold.wait()
+            waves.append(id(hold))
+        return Outcome(kind, "grpc", "OK", 0)
+
+    s.run_kind = lambda kind: client(kind, s.hold)
+    kinds = (["grpc_stalled"] * 3 + ["grpc_stream"]) * 10
+
+    async def main():
+        s.hold = asyncio.Event()
+        return await asyncio.wait_for(s.run_many(kinds, concurrency=4), 10)
+
+    results = asyncio.run(main())
+    assert sorted(o.kind for o in results) == sorted(kinds)
+    assert len(set(waves)) == 30  # waves of concurrency // 4 = 1: each parked one let go
+
+
 def test_small_soak_on_the_shared_server(request):
     """A few hundred requests of every kind at once, a burst past the queue, then idle
     metrics and RSS: the CI version of the soak (the drain under load is the slow test below;
