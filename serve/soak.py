@@ -57,6 +57,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from queue import Empty
 
 import grpc
 
@@ -368,24 +369,43 @@ async def wait_idle(base_url: str, timeout: float, finished: float = 0.0) -> dic
 # -- phases ----------------------------------------------------------------------------------
 
 async def burst(soak: Soak, n: int, slo: float) -> dict:
-    """`n` plain requests at once (a burst past the queue) while health is checked every
-    50 ms: the refusals must be immediate and health must keep answering."""
-    latencies: list[float] = []
-    statuses: collections.Counter = collections.Counter()
-    done = asyncio.Event()
+    """`n` plain requests at once (a burst past the queue) while a process of its own checks
+    health every 50 ms (timed there, so the harness's own backlog of `n` calls does not count):
+    the refusals must be immediate and health must keep answering. The refusal times are
+    the clients' and include that backlog."""
+    import multiprocessing
 
-    async def watch() -> None:
-        while not done.is_set():
-            s, what = await sc.health_latency(soak.channels[0], soak.http)
-            latencies.append(s)
-            statuses[what] += 1
-            await asyncio.sleep(0.05)
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process with gRPC threads
+    stop, queue = ctx.Event(), ctx.Queue()
+    probe = ctx.Process(target=sc.health_probe, args=(soak.args.target, soak.http, stop, queue),
+                        daemon=True)
+    probe.start()
 
-    watcher = asyncio.create_task(watch())
+    def collect(until_exit: bool) -> list:
+        """The probe's results: the first one (it is up), or all until it has exited."""
+        got, end = [], time.monotonic() + 60
+        while time.monotonic() < end:
+            try:
+                got.append(queue.get(timeout=0.2))
+            except Empty:
+                if not probe.is_alive():
+                    break
+                continue
+            if not until_exit:
+                break
+        return got
+
+    checks = await asyncio.to_thread(collect, False)  # the probe is up before the burst starts
     kinds = ["grpc_unary" if soak.http is None or k % 3 else "http_stream" for k in range(n)]
-    outcomes = await soak.run_many(kinds, concurrency=n)
-    done.set()
-    await watcher
+    try:
+        outcomes = await soak.run_many(kinds, concurrency=n)
+    finally:
+        stop.set()
+        checks += await asyncio.to_thread(collect, True)
+        if probe.is_alive():
+            probe.kill()
+    latencies = [s for s, _ in checks]
+    statuses = collections.Counter(what for _, what in checks)
     refused = [o for o in outcomes if o.code in ("RESOURCE_EXHAUSTED", "HTTP 429")]
     took = sorted(o.seconds for o in refused) or [0.0]
     return {"outcomes": outcomes, "refused": len(refused),

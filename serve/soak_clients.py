@@ -350,31 +350,35 @@ async def http_stalled(host: str, port: int, model: str, kind: str, index: int,
     return out
 
 
-async def health_latency(channel, http: tuple[str, int] | None) -> tuple[float, str]:
-    """Seconds the slower of one gRPC health check and one HTTP /health (when given) took,
-    each timed alone; the statuses."""
+def health_probe(target: str, http: tuple[str, int] | None, stop, results) -> None:
+    """In a process of its own (so the harness's busy loop and GIL do not delay it): until
+    `stop` (a multiprocessing Event) is set, every 50 ms one gRPC health check and one HTTP
+    /health (when given), each timed alone; puts (seconds of the slower, statuses) on
+    `results` (a multiprocessing Queue)."""
+    import urllib.request
+
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    t0 = time.monotonic()
-    what = []
-    took = 0.0
-    try:
-        r = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                            timeout=10)
-        what.append(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
-    except grpc.aio.AioRpcError as e:
-        what.append(e.code().name)
-    took = time.monotonic() - t0
-    if http is not None:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    while not stop.is_set():
+        what = []
         t0 = time.monotonic()
         try:
-            conn = await HttpConnection.open(*http)
-            async with asyncio.timeout(10):
-                await conn.request("GET", "/health")
-                await conn.body()
-            what.append(f"HTTP {conn.status}")
-            await conn.close()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
-            what.append(type(e).__name__)
-        took = max(took, time.monotonic() - t0)
-    return took, ",".join(what)
+            r = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            what.append(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+        except grpc.RpcError as e:
+            what.append(e.code().name)
+        took = time.monotonic() - t0
+        if http is not None:
+            t0 = time.monotonic()
+            try:
+                with urllib.request.urlopen(f"http://{http[0]}:{http[1]}/health",
+                                            timeout=10) as resp:
+                    resp.read()
+                    what.append(f"HTTP {resp.status}")
+            except OSError as e:  # URLError, HTTPError, timeouts, refused
+                what.append(f"HTTP {getattr(e, 'code', '')}" if hasattr(e, "code")
+                            else type(e).__name__)
+            took = max(took, time.monotonic() - t0)
+        results.put((took, ",".join(what)))
+        stop.wait(0.05)
