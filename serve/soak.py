@@ -18,8 +18,8 @@ HTTP: drop the connection), slow readers (one message per `--slow-interval`), cl
 stop reading altogether (held until the phase ends), short deadlines, and malformed requests;
 (4) stalled: `--stalled-requests` plain streams (`--stalled-concurrency` at once) are timed
 alone, then again beside `--stalled` clients that stopped reading once the server has
-generated their tokens; (5) burst: `--burst` x max_queue requests at once while health checks
-are timed; (6) idle: the server's /metrics must show nothing running or waiting and no KV page
+generated their tokens; (5) burst: `--burst` x max_queue requests at once while a process
+of its own times health checks; (6) idle: the server's /metrics must show nothing running or waiting and no KV page
 held; (7, with `--sigterm`) drain: SIGTERM while `--drain-streams` streams run.
 
 Checks (each a JSON line with `"check"` and `"ok"`; exit 1 with a one-line reason when one
