@@ -113,9 +113,10 @@ def _device_kv_heads(model: ModelConfig, mesh: jax.sharding.Mesh) -> int:
 
 
 def max_pages(model: ModelConfig, engine: EngineConfig) -> int:
-    """The most pages the pool may have: the GPU paged-attention kernels address one layer's
-    and one KV head's pages (pages x page size x head dim elements) with int32 byte offsets,
-    and past 2**31 bytes they read the wrong pages. Measured on an H200 with the demo model
+    """The most pages the pool may have: one layer's and one KV head's pages (pages x page
+    size x head dim elements) must stay under 2**31 bytes, past which the GPU cache kernels
+    read or write the wrong pages (int32 offsets; which kernel overflows is not pinned down
+    yet: this bound is what was measured). Measured on an H200 with the demo model
     (2 KV heads, head dim 64, pages of 16): bfloat16 at 2.4M pages and float32 at 1.2M and
     1M pages answered wrong tokens; 400k pages in either answered right."""
     per_page = engine.page_size * model.head_dim * jnp.dtype(engine.kv_dtype).itemsize

@@ -17,10 +17,10 @@ and keeping many bytes in flight:
   computed at run time from the sequence's length, so short and long sequences in one batch
   share the work evenly among their splits.
 - Pages come straight from the whole `[L, K, P, G, H]` pool (the layer index is a runtime scalar
-  read inside the kernel), gathered `pages_per_block` at a time through the block table. The
-  gather's offsets are int32: one layer's and head's `P x G x H` pages must stay under 2**31
-  bytes, or it reads the wrong pages (seen on an H200; `jaxinfer.kv_cache.max_pages` caps the
-  pool there).
+  read inside the kernel), gathered `pages_per_block` at a time through the block table. One
+  layer's and head's `P x G x H` pages must stay under 2**31 bytes: past that the served model
+  answered wrong tokens on an H200 (int32 offsets; which of the cache kernels overflows is not
+  pinned down yet), so `jaxinfer.kv_cache.max_pages` caps the pool there.
 - The last block of a sequence is peeled off the main loop: only it needs the page-id clamp (its
   block may run past the sequence's last page; the clamp re-reads a page the block already
   needs) and the value-row mask (slots past `seq_len` may hold stale or NaN data, and 0 * NaN
