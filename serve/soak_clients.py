@@ -355,6 +355,7 @@ def health_probe(target: str, http: tuple[str, int] | None, stop, results) -> No
     `stop` (a multiprocessing Event) is set, every 50 ms one gRPC health check and one HTTP
     /health (when given), each timed alone; puts (seconds of the slower, statuses) on
     `results` (a multiprocessing Queue)."""
+    import urllib.error
     import urllib.request
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -377,7 +378,7 @@ def health_probe(target: str, http: tuple[str, int] | None, stop, results) -> No
                     resp.read()
                     what.append(f"HTTP {resp.status}")
             except OSError as e:  # URLError, HTTPError, timeouts, refused
-                what.append(f"HTTP {getattr(e, 'code', '')}" if hasattr(e, "code")
+                what.append(f"HTTP {e.code}" if isinstance(e, urllib.error.HTTPError)
                             else type(e).__name__)
             took = max(took, time.monotonic() - t0)
         results.put((took, ",".join(what)))

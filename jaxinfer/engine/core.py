@@ -475,7 +475,7 @@ def resolve_engine_config(cfg: ModelConfig, engine_cfg: EngineConfig, mesh, *,
         how = (f"gpu_memory_utilization {eng.gpu_memory_utilization}"
                if memory_stats(next(iter(mesh.devices.flat))) else "every slot at max_seq_len")
         if pages == max_pages(cfg, eng):
-            how += ", capped: the kernels address a layer's head's pages in int32 bytes"
+            how += ", capped at 2**31 bytes per layer and KV head: the kernels' int32 offsets"
     elif eng.num_pages > max_pages(cfg, eng):
         raise ConfigError(
             f"--num-pages {eng.num_pages} is more than the {max_pages(cfg, eng)} pages "
