@@ -374,18 +374,23 @@ e2e() {
 }
 
 # soak: the soak and chaos harness against a server it starts on the demo model (SOAK_MODEL):
-# 1,000 streams at once for SOAK_S seconds, the stalled phase, a burst 4x the queue, SIGTERM
-# under load. The server needs grpc health/reflection, fastapi, uvicorn, pyzmq and msgspec
+# 1,000 streams at once for SOAK_S seconds (or SOAK_REQUESTS requests), the stalled phase, a
+# burst SOAK_BURST x the queue (the 10 by default), SIGTERM under load with 200 streams
+# of SOAK_DRAIN_TOKENS tokens (on the H200 64 tokens end before the signal; 1024 do not).
+# The server needs grpc health/reflection, fastapi, uvicorn, pyzmq and msgspec
 # (where they are missing: `pip download -d .whl` them here, carry .whl, and first run
 # `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` with /tmp/site on PYTHONPATH).
 # Writes soak_h200.jsonl, soak.err, soak_server.log.
 soak() {
   step "soak ${SOAK_MODEL:-demo} ${SOAK_S:-300}s"
-  echo "{\"command\": \"python -m serve.soak --requests ${SOAK_REQUESTS:-20000} --concurrency 1000 --duration ${SOAK_S:-300} --burst 4 --sigterm --drain-streams 200 -- --model ${SOAK_MODEL:-demo} --max-queue 1024\"}" >"$OUT/soak_h200.jsonl"
-  timeout $((${SOAK_S:-300} + 240)) $PY -m serve.soak --requests ${SOAK_REQUESTS:-20000} \
-    --concurrency 1000 --duration ${SOAK_S:-300} --burst 4 --sigterm --drain-streams 200 \
-    --server-log "$OUT/soak_server.log" -- --model ${SOAK_MODEL:-demo} --max-queue 1024 \
-    >>"$OUT/soak_h200.jsonl" 2>"$OUT/soak.err"
+  local args="--requests ${SOAK_REQUESTS:-20000} --concurrency 1000 --duration ${SOAK_S:-300}"
+  args+=" --burst ${SOAK_BURST:-10} --sigterm --drain-streams 200"
+  args+=" --drain-tokens ${SOAK_DRAIN_TOKENS:-64}"
+  local server="--model ${SOAK_MODEL:-demo} --max-queue 1024"
+  echo "{\"command\": \"python -m serve.soak $args -- $server\"}" >"$OUT/soak_h200.jsonl"
+  # shellcheck disable=SC2086  # the argument strings are split on purpose
+  timeout $((${SOAK_S:-300} + 240)) $PY -m serve.soak $args \
+    --server-log "$OUT/soak_server.log" -- $server >>"$OUT/soak_h200.jsonl" 2>"$OUT/soak.err"
   echo "soak exit $?" >>"$OUT/campaign.log"
 }
 

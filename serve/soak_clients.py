@@ -353,8 +353,8 @@ async def http_stalled(host: str, port: int, model: str, kind: str, index: int,
 def health_probe(target: str, http: tuple[str, int] | None, stop, results) -> None:
     """In a process of its own (so the harness's busy loop and GIL do not delay it): until
     `stop` (a multiprocessing Event) is set, every 50 ms one gRPC health check and one HTTP
-    /health (when given), each timed alone; puts (seconds of the slower, statuses) on
-    `results` (a multiprocessing Queue)."""
+    /health (when given), each timed alone; puts ({front: seconds}, statuses) on `results`
+    (a multiprocessing Queue)."""
     import urllib.error
     import urllib.request
 
@@ -362,14 +362,14 @@ def health_probe(target: str, http: tuple[str, int] | None, stop, results) -> No
 
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
     while not stop.is_set():
-        what = []
+        what, took = [], {}
         t0 = time.monotonic()
         try:
             r = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
             what.append(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
         except grpc.RpcError as e:
             what.append(e.code().name)
-        took = time.monotonic() - t0
+        took["grpc"] = time.monotonic() - t0
         if http is not None:
             t0 = time.monotonic()
             try:
@@ -380,6 +380,6 @@ def health_probe(target: str, http: tuple[str, int] | None, stop, results) -> No
             except OSError as e:  # URLError, HTTPError, timeouts, refused
                 what.append(f"HTTP {e.code}" if isinstance(e, urllib.error.HTTPError)
                             else type(e).__name__)
-            took = max(took, time.monotonic() - t0)
+            took["http"] = time.monotonic() - t0
         results.put((took, ",".join(what)))
         stop.wait(0.05)

@@ -38,6 +38,15 @@ def test_checks_catch_wrong_lost_twice_and_unexpected():
     assert [len(bad[k]) for k in ("wrong", "lost", "twice", "unexpected")] == [2, 1, 1, 2]
 
 
+def test_token_counts_past_the_servers_limits_are_a_usage_error():
+    limits = soak.pb.Limits(max_seq_len=512, max_tokens=512)
+    args = soak.build_parser().parse_args(["--drain-tokens", "488"])
+    soak.check_tokens(args, limits)  # 24-token prompt + 488 = 512: fits
+    args = soak.build_parser().parse_args(["--drain-tokens", "1024"])
+    with pytest.raises(soak.UsageError, match="--drain-tokens 1024 is more than .* \\(488"):
+        soak.check_tokens(args, limits)
+
+
 def test_stalled_clients_never_take_every_slot():
     """More stalled clients than slots: they hold none and are let go in waves, so the plain
     requests behind them still run (with slots held by stalled clients, the 60,000-request H200
