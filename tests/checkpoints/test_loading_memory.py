@@ -2,7 +2,11 @@
 small size: peak host RSS above the baseline stays within 1.25x of the bytes the process keeps
 when loading a synthetic checkpoint per shard at tp=1 and tp=4 (8 fake CPU devices), and within
 1.25x of the largest tensor while converting it. Every loaded value is checked elsewhere
-(test_load, test_streaming); this checks the memory the same code path takes."""
+(test_load, test_streaming); this checks the memory the same code path takes.
+
+The size is 0.1 GB: a load's transient memory is about two of its largest tensors (4 MB at the
+small shape) plus a few MB of allocator noise, which at 0.03 GB put tp=1 anywhere between 1.14x
+and 1.31x of kept (CI once failed at 1.28x); at 0.1 GB it is 1.04x to 1.10x."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_peak_rss_within_bounds(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxinfer.bench", "loading", "--size-gb", "0.03", "--tp", "1,4",
+        [sys.executable, "-m", "jaxinfer.bench", "loading", "--size-gb", "0.1", "--tp", "1,4",
          "--skip", "load-converted", "--dir", str(tmp_path)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
