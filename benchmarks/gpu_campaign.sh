@@ -367,7 +367,7 @@ spec_curve() {
 e2e() {
   for q in ${E2E_QUANTS:-none int8 fp8 int4-g128}; do
     step "e2e bench $MODEL quant=$q"
-    timeout 170 $PY -m jaxinfer.bench --model "$MODEL" --kernels pallas --quant "$q" \
+    timeout ${E2E_TIMEOUT:-170} $PY -m jaxinfer.bench --model "$MODEL" --kernels pallas --quant "$q" \
       --batch ${E2E_BATCH:-1,32,64} --prompt-len 128 --gen-len 256 --repeat 2 \
       >>"$OUT/e2e_$MODEL.jsonl" 2>>"$OUT/e2e.err"
   done
