@@ -52,7 +52,7 @@ DECODE_MAX_T = 8  # query tokens per sequence up to which the decode kernel is u
 # measured separately; it shares the int8 kernel's streaming structure and bound.
 # int4-g128 on an H200 (benchmarks/results/qmatmul_decode_shapes_h200_fc6b940.jsonl): ours beats
 # XLA's dequant+dot from M = 2 to 256 at that shape, yet a bound of 256 made the 1B shape's
-# batch-64 decode 0.90x slower end to end (e2e_int4_kernel_bound_trial_h200.jsonl): 32 stays.
+# batch-64 decode 0.90x as fast end to end (e2e_int4_kernel_bound_trial_h200.jsonl): 32 stays.
 QMATMUL_KERNEL_MAX_M = {"int8": 32, "fp8": 32, "int4": 32}
 # Largest M up to which a float weight stack is read in place by `dense_matmul` (one row tile
 # of the streaming kernel). Beyond it (prefill chunks) the layer's slice is copied out and XLA's
