@@ -20,6 +20,12 @@ and adds them times the scales. The weight is streamed once per row tile and nev
 in memory; a stacked weight is read in place at `layer` (inside the model's layer scan a sliced
 operand would be copied out of the stack every layer). Masked loads handle M, N and the last
 unit, so any shape with even K is correct.
+
+At decode (M <= `small_m_max`) one row tile covers all of M, so the weight is streamed once,
+and, as in `qmatmul`'s decode plan, a weight with few columns gets narrower column tiles and
+then its groups split over 2, 4, ... programs (float32 partials summed by XLA) until about
+`min_programs` programs stream it: at 128-wide tiles the 1B shape's k/v projection (N = 512)
+was 4 programs on a GPU of 132 SMs.
 """
 
 from __future__ import annotations
@@ -39,13 +45,17 @@ _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Int4Tuning:
-    """Tile sizes and launch parameters. K is always stepped by the group. Untuned: chosen like
-    the int8 decode kernel's 128-wide column tiles; GPU measurements are still to be made."""
+    """Tile sizes and launch parameters. K is always stepped by the group."""
 
-    block_m: int = 16  # rows of x per program (at least 16, Triton's dot minimum)
-    block_n: int = 128  # output columns per program
+    block_m: int = 16  # rows of x per program above small_m_max (>= 16, Triton's dot minimum)
+    block_n: int = 128  # output columns per program (before the decode plan narrows it)
     num_warps: int = 4
     num_stages: int = 3
+    small_m_max: int = 64  # up to this M one row tile covers all rows
+    # Decode only: narrow the column tiles (down to 64), then split the groups in two, four,
+    # ... (up to max_split) until there are at least this many programs (0: as given).
+    min_programs: int = 100
+    max_split: int = 8
 
 
 DEFAULT = Int4Tuning()
@@ -179,15 +189,43 @@ def _pow2_at_least_16(x: int) -> int:
     return max(16, pl.next_power_of_2(x))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static shape of one launch."""
+
+    bm: int
+    bn: int
+    split: int  # programs along K per column tile (each takes `steps` whole groups)
+    steps: int  # full groups per program
+    tail: int  # rows of a short last group (only when split == 1)
+
+
+def _plan(m: int, n: int, k: int, group: int, cfg: Int4Tuning) -> _Plan:
+    decode = m <= cfg.small_m_max
+    bm = _pow2_at_least_16(m) if decode else min(cfg.block_m, _pow2_at_least_16(m))
+    bn = min(cfg.block_n, _pow2_at_least_16(n))
+    full, tail = k // group, k % group
+    split = 1
+    if decode and cfg.min_programs:
+        while pl.cdiv(n, bn) * split < cfg.min_programs and bn > 64:
+            bn //= 2
+        while (pl.cdiv(n, bn) * split < cfg.min_programs and split < cfg.max_split
+               and not tail and full % (2 * split) == 0):
+            split *= 2
+    return _Plan(bm=bm, bn=bn, split=split, steps=full // split, tail=tail)
+
+
 def _int4_kernel(layer_ref, x_ref, w_ref, s_ref, z_ref, o_ref, *, m: int, n: int, k: int,
-                 bm: int, bn: int, group: int, compute_dtype):
-    """One [bm, bn] output tile.
+                 p: _Plan, group: int, compute_dtype):
+    """One [bm, bn] output tile, or with a split its partial sum over `p.steps` groups.
 
     layer_ref [1] i32; x_ref [bm, K] block; w_ref the whole packed stack [L, N, K / 2] uint8;
-    s_ref [L, G, N] f32 and z_ref [L, G, N] int8 whole; o_ref [bm, bn] block."""
+    s_ref [L, G, N] f32 and z_ref [L, G, N] int8 whole; o_ref [bm, bn] block ([1, bm, bn] of
+    the float32 partials with a split, squeezed)."""
     layer = layer_ref[0]
-    full, tail = k // group, k % group
+    bm, bn = p.bm, p.bn
     n0 = pl.program_id(1) * bn
+    g_first = pl.program_id(2) * p.steps
     row_ok = None if m % bm == 0 else (pl.program_id(0) * bm + jnp.arange(bm)) < m
     col_ok = None if n % bn == 0 else (n0 + jnp.arange(bn)) < n
     precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
@@ -219,13 +257,15 @@ def _int4_kernel(layer_ref, x_ref, w_ref, s_ref, z_ref, o_ref, *, m: int, n: int
                 + pltriton.dot(x_hi, hi, trans_b=True, precision=precision))  # f32 [bm, bn]
         return acc + part * s[None, :]
 
-    def step(g, acc):
-        k0 = g * group
-        return unit(acc, g, pl.multiple_of(k0, group), group // 2, group // 2)
+    def step(i, acc):
+        g = g_first + i
+        return unit(acc, g, pl.multiple_of(g * group, group), group // 2, group // 2)
 
-    acc = lax.fori_loop(0, full, step, jnp.zeros((bm, bn), jnp.float32))
-    if tail:  # the short last unit: its own scale row, loads padded to a power of two
-        acc = unit(acc, jnp.int32(full), jnp.int32(full * group), tail // 2, _pow2_at_least_16(tail // 2))
+    acc = lax.fori_loop(0, p.steps, step, jnp.zeros((bm, bn), jnp.float32))
+    if p.tail:  # the short last unit (split == 1): its own scale row, loads padded to 2^n
+        full = k // group
+        acc = unit(acc, jnp.int32(full), jnp.int32(full * group), p.tail // 2,
+                   _pow2_at_least_16(p.tail // 2))
     out_mask = both(None if row_ok is None else row_ok[:, None],
                     None if col_ok is None else col_ok[None, :])
     pltriton.store(o_ref.at[:, :], acc.astype(o_ref.dtype), mask=out_mask)
@@ -256,21 +296,29 @@ def int4_matmul(
         w_q, scale, zero, layer = w_q[None], scale[None], zero[None], 0
     elif layer is None:
         raise ValueError(f"stacked weight {w_q.shape} needs a layer index")
-    bm = min(cfg.block_m, _pow2_at_least_16(m))
-    bn = min(cfg.block_n, _pow2_at_least_16(n))
+    p = _plan(m, n, k, group, cfg)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    kernel = functools.partial(_int4_kernel, m=m, n=n, k=k, bm=bm, bn=bn, group=group,
+    kernel = functools.partial(_int4_kernel, m=m, n=n, k=k, p=p, group=group,
                                compute_dtype=x.dtype)
     whole = pl.BlockSpec()
-    return pl.pallas_call(
+    if p.split == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+        out_spec = pl.BlockSpec((p.bm, p.bn), lambda i, j, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((p.split, m, n), jnp.float32)
+        out_spec = pl.BlockSpec((None, p.bm, p.bn), lambda i, j, s: (s, i, j))
+    out = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(m, bm), pl.cdiv(n, bn)),
-        in_specs=[whole, pl.BlockSpec((bm, k), lambda i, j: (i, 0)), whole, whole, whole],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(pl.cdiv(m, p.bm), pl.cdiv(n, p.bn), p.split),
+        in_specs=[whole, pl.BlockSpec((p.bm, k), lambda i, j, s: (i, 0)), whole, whole, whole],
+        out_specs=out_spec,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
                                                 num_stages=cfg.num_stages),
         interpret=interpret,
         name="int4_matmul",
     )(jnp.asarray(layer, jnp.int32).reshape(1), x, w_q, scale.astype(jnp.float32),
       zero.astype(jnp.int8))
+    if p.split > 1:
+        out = out.sum(axis=0).astype(out_dtype)
+    return out

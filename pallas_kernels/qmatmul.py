@@ -91,10 +91,15 @@ class QMatmulTuning:
 # layout at K=4096, N=14336: 128 x 256 tiles stream the int8 weight at ~23 us for M = 1..16
 # (XLA bf16: 39-43 us); split-K and 512-deep tiles were slower, 128 x 512 does not fit in
 # shared memory with 4 stages.
+# The decode plan (narrow tiles, then split K until ~100 programs) is the one `dense_matmul`
+# measured best with: without it the 1B shape's projections ran on 4 (k/v, N = 512) to 64
+# programs, and int8 decode of that model was 0.52x of bf16 end to end.
 INT8_DEFAULT = QMatmulTuning(
     small=MatmulBlocks(block_m=16, block_n=128, block_k=256, split_k=1, num_warps=4,
                        num_stages=4),
     large=MatmulBlocks(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+    min_programs=100,
+    max_split=8,
 )
 # bf16 weights, decode (benchmarks/dense_tuning_probe.py, H200, the 8B layer's projections
 # whole and per tp=2 shard, M = 1 and 32): 128 x 128 tiles are best where they make >= ~112
@@ -112,6 +117,8 @@ FP8_DEFAULT = QMatmulTuning(
     small=MatmulBlocks(block_m=16, block_n=128, block_k=256, split_k=1, num_warps=4,
                        num_stages=4),
     large=MatmulBlocks(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=3),
+    min_programs=100,
+    max_split=8,
 )
 
 
@@ -529,7 +536,8 @@ def int8_matmul(
         raise ValueError(f"kernel group size must be a power of two >= 16, got {group}")
     return _launch(x, None, w_q, scale, layer, group=group, transposed=transposed,
                    out_dtype=jnp.dtype(out_dtype or x.dtype), blocks=cfg.blocks(m),
-                   small_m_max=cfg.small_m_max, interpret=interpret, name="int8_matmul")
+                   small_m_max=cfg.small_m_max, interpret=interpret, name="int8_matmul",
+                   min_programs=cfg.min_programs, max_split=cfg.max_split)
 
 
 @functools.partial(jax.jit, static_argnames=("transposed", "out_dtype", "cfg", "interpret"))
@@ -582,7 +590,8 @@ def fp8_gemm(
     m, _, _ = _check_fp8(x_q, x_scale, w_q, w_scale, transposed)
     return _launch(x_q, x_scale.astype(jnp.float32), w_q, w_scale, layer, group=None,
                    transposed=transposed, out_dtype=jnp.dtype(out_dtype), blocks=cfg.blocks(m),
-                   small_m_max=cfg.small_m_max, interpret=interpret, name="fp8_matmul")
+                   small_m_max=cfg.small_m_max, interpret=interpret, name="fp8_matmul",
+                   min_programs=cfg.min_programs, max_split=cfg.max_split)
 
 
 @functools.partial(jax.jit, static_argnames=("transposed", "out_dtype", "cfg", "interpret"))

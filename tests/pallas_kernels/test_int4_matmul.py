@@ -46,6 +46,10 @@ CASES = {
     "m40_small_tiles_f32": Case(40, x_dtype="float32", cfg=SMALL),
     "stacked_k448_short_group_ragged_n": Case(3, k=448, n=100, layers=3, x_dtype="float32"),
     "k172_g64_half_not_pow2_f16": Case(5, k=172, n=48, group=64, x_dtype="float16", cfg=SMALL),
+    # the decode plan: one 64-wide column tile, so the 4 groups split over 4 programs
+    "m3_groups_split_4_ways_stacked": Case(3, k=512, n=64, layers=2),
+    # above small_m_max: 16-row tiles, ragged M and N
+    "m80_row_tiles_ragged": Case(80, n=100, cfg=SMALL),
 }
 
 
@@ -145,6 +149,21 @@ class TestInt4Matmul(Int4MatmulCases):
 
 class TestInt4MatmulInterpret(Int4MatmulCases):
     INTERPRET = True
+
+
+def test_decode_plan_fills_the_gpu():
+    """At decode one row tile covers M; few columns get 64-wide tiles and then the groups split
+    2, 4 or 8 ways until ~100 programs stream the weight (the 1B shape's projections)."""
+    def plan(m, k, n):
+        return k4._plan(m, n, k, 128, k4.DEFAULT)
+    assert (plan(1, 2048, 512).bm, plan(1, 2048, 512).bn, plan(1, 2048, 512).split) == (16, 64, 8)
+    assert (plan(64, 8192, 2048).bm, plan(64, 8192, 2048).split) == (64, 4)  # down
+    assert (plan(32, 2048, 8192).bn, plan(32, 2048, 8192).split) == (64, 1)  # gate/up: 128
+    assert plan(1, 2048 + 64, 512).split == 1  # a short last group: one program along K
+    big = plan(65, 2048, 512)  # past small_m_max: 16-row tiles, no split
+    assert (big.bm, big.bn, big.split) == (16, 128, 1)
+    p = plan(1, 8192, 2048)
+    assert p.split * p.steps == 8192 // 128
 
 
 @pytest.mark.parametrize("m,k,n,layers", [(1, 4096, 14336, None), (16, 4096, 14336, 32),

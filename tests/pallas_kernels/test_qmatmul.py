@@ -298,7 +298,7 @@ def test_dense_decode_plan_fills_the_gpu():
     """Few columns: 64-wide tiles, then K split 2, 4 or 8 ways, until ~100 programs stream the
     weight; many columns keep the 128-wide tiles (the measured best at N = 14336)."""
     cfg = qm.DENSE_DEFAULT
-    plan = lambda m, k, n: qm._plan(m, n, k, cfg.small, 64, None, 2, 2,  # noqa: E731
+    plan = lambda m, k, n: qm._plan(m, n, k, cfg.small, 64, None, 2, 2,
                                     cfg.min_programs, cfg.max_split)
     assert (plan(1, 4096, 14336).bn, plan(1, 4096, 14336).split) == (128, 1)
     assert (plan(1, 4096, 7168).bn, plan(1, 4096, 7168).split) == (64, 1)
@@ -308,6 +308,21 @@ def test_dense_decode_plan_fills_the_gpu():
     assert (plan(1, 4096, 512).bn, plan(1, 4096, 512).split) == (64, 8)  # capped at max_split
     assert plan(1, 4096 + 128, 512).split == 1  # 33 K steps: no even split, one program
     assert (plan(128, 4096, 4096).bn, plan(128, 4096, 4096).split) == (128, 1)  # tiled regime
+
+
+def test_quantized_decode_plans_fill_the_gpu():
+    """int8 and fp8 take the dense decode rule: the 1B shape's k/v projection (N = 512) was 4
+    programs at 128-wide tiles; now 64-wide tiles and K split until ~100 programs."""
+    for cfg in (qm.INT8_DEFAULT, qm.FP8_DEFAULT):
+        def plan(m, k, n, cfg=cfg):
+            return qm._plan(m, n, k, cfg.small, cfg.small_m_max, None, 2, 1, cfg.min_programs,
+                            cfg.max_split)
+        assert (plan(1, 2048, 512).bn, plan(1, 2048, 512).split) == (64, 8)  # k, v
+        assert (plan(32, 8192, 2048).bn, plan(32, 8192, 2048).split) == (64, 4)  # down
+        assert (plan(1, 4096, 14336).bn, plan(1, 4096, 14336).split) == (128, 1)
+    c = qm.INT8_DEFAULT  # group-wise int8 splits by whole groups too
+    assert qm._plan(1, 512, 2048, c.small, c.small_m_max, 128, 2, 1, c.min_programs,
+                    c.max_split).split == 8
 
 
 def test_tiles_shrink_to_fit_shared_memory():
