@@ -15,6 +15,7 @@
 #   MODEL=... bash benchmarks/gpu_campaign.sh spec_curve  # speed vs acceptance, k, adaptive
 #   bash benchmarks/gpu_campaign.sh spec_repeat     # n-gram on prompts that the answer quotes
 #   bash benchmarks/gpu_campaign.sh e2e       # jaxinfer.bench bf16, int8, fp8, int4 at b 1/32/64
+#   bash benchmarks/gpu_campaign.sh quant_probe   # each quant kernel's plan variants per projection
 #   bash benchmarks/gpu_campaign.sh soak      # python -m serve.soak on the demo model (issue 20)
 #   bash benchmarks/gpu_campaign.sh mesh      # mesh sweep of the 8B shape (a 2-GPU machine)
 #   bash benchmarks/gpu_campaign.sh serving_dp   # served throughput, dp=1 vs dp=2 (2 GPUs)
@@ -371,6 +372,15 @@ e2e() {
       --batch ${E2E_BATCH:-1,32,64} --prompt-len 128 --gen-len 256 --repeat 2 \
       >>"$OUT/e2e_$MODEL.jsonl" 2>>"$OUT/e2e.err"
   done
+}
+
+# quant_probe: benchmarks/quant_tuning_probe.py (issue 17): the old plan, the default and the
+# variants of each quant kernel on each 1B projection at M = 1/32/64, beside XLA's bf16 dot.
+# Writes quant_probe.jsonl.
+quant_probe() {
+  step "quant tuning probe $MODEL"
+  MODEL=$MODEL timeout ${PROBE_TIMEOUT:-300} $PY benchmarks/quant_tuning_probe.py \
+    >>"$OUT/quant_probe.jsonl" 2>>"$OUT/quant_probe.err"
 }
 
 # soak: the soak and chaos harness against a server it starts on the demo model (SOAK_MODEL):
