@@ -44,7 +44,7 @@ def _variants(kind: str) -> dict:
     if kind == "int4":
         d = k4.DEFAULT
         return {"old": dataclasses.replace(d, small_m_max=0, min_programs=0), "default": d,
-                "p264": dataclasses.replace(d, min_programs=264),
+                "p100": dataclasses.replace(d, min_programs=100),
                 "w8": dataclasses.replace(d, num_warps=8),
                 "st4": dataclasses.replace(d, num_stages=4)}
     d = qm.INT8_DEFAULT if kind == "int8" else qm.FP8_DEFAULT

@@ -53,8 +53,10 @@ class Int4Tuning:
     num_stages: int = 3
     small_m_max: int = 64  # up to this M one row tile covers all rows
     # Decode only: narrow the column tiles (down to 64), then split the groups in two, four,
-    # ... (up to max_split) until there are at least this many programs (0: as given).
-    min_programs: int = 100
+    # ... (up to max_split) until there are at least this many programs (0: as given). Two per
+    # H200 SM: each program's groups are few and small, so more of them hide load latency (the
+    # 1B q projection: 8.1 us at 100, 6.0 us at 264, M = 1; benchmarks/quant_tuning_probe.py).
+    min_programs: int = 264
     max_split: int = 8
 
 
