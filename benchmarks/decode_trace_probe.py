@@ -1,7 +1,9 @@
 """Probe: where a decode token's GPU time goes, per mesh (jax.profiler trace, no extra tools).
 
-For each mesh in MESHES (default "tp=1;tp=2") and batch 1 and 32, runs one warm generation of
-the 8B shape (prompt 128, 128 decode tokens, `--kernels pallas`) under `jax.profiler`, reads the
+For each mesh in MESHES (default "tp=1;tp=2"), weight mode in QUANTS (default "none") and batch
+in BATCHES (default "1,32"), runs one warm generation of MODEL (default the 8B shape; prompt
+128, 128 decode tokens, DECODE_STEPS tokens per dispatch, default 16, `--kernels pallas`)
+under `jax.profiler`, reads the
 trace back with `jax.profiler.ProfileData` and prints, per GPU, the kernel families taking the
 most stream time per decoded token (ms, launches). Streams overlap (async collectives), so the
 summed busy time can exceed the wall time. Also per GPU: the idle time of its busiest stream
@@ -9,6 +11,8 @@ and the kernel pairs around the largest gaps (what the stream waited between), a
 program the collectives in its compiled HLO (op and shape, with counts).
 
     MESHES="tp=1;tp=2" python benchmarks/decode_trace_probe.py
+    MODEL=llama-3.2-1b-shape MESHES=tp=1 QUANTS=none,int8 BATCHES=1,64 DECODE_STEPS=4 \
+        python benchmarks/decode_trace_probe.py
 """
 import collections
 import glob
@@ -27,7 +31,8 @@ from jaxinfer.engine.llm import LLM
 from jaxinfer.model_loader import load_model
 from sharding.mesh import make_mesh, parse_mesh
 
-PROMPT, GEN, STEPS = 128, 129, 16  # 128 decoded tokens after the prefill's first
+PROMPT, GEN = 128, 129  # 128 decoded tokens after the prefill's first
+STEPS = int(os.environ.get("DECODE_STEPS", "16"))
 
 
 def _families(plane) -> dict[str, list]:
@@ -105,42 +110,49 @@ def _trace(llm, prompts):
         shutil.rmtree(tdir)
 
 
+def _probe(model: str, mesh_text: str, mesh, loaded, quant: str, b: int,
+           reduce_dtype: str | None) -> None:
+    """Trace one warm generation at batch `b` and print its rows."""
+    tokens = GEN - 1
+    per = -(-(PROMPT + GEN) // 16)
+    eng = EngineConfig(page_size=16, num_pages=b * per, max_seq_len=PROMPT + GEN,
+                       dtype="bfloat16", kernels="pallas", decode_steps=STEPS,
+                       batch_buckets=(b,), prefill_buckets=(PROMPT,),
+                       prefill_rows=(b,), max_num_batched_tokens=b * PROMPT,
+                       tp_reduce_dtype=reduce_dtype)
+    llm = LLM.from_loaded(loaded, eng, mesh=mesh)
+    prompts = [np.arange(PROMPT, dtype=np.int32) + i for i in range(b)]
+    for _ in range(2):  # compile, then warm
+        bench.run_once(llm, prompts, GEN)
+    times, planes = _trace(llm, prompts)
+    for plane in planes:
+        fam = _families(plane)
+        top = sorted(fam.items(), key=lambda kv: -kv[1][0])[:12]
+        print(json.dumps({
+            "model": model, "quant": quant, "decode_steps": STEPS,
+            "mesh": mesh_text, "batch": b, "plane": plane.name,
+            "wall_decode_ms_per_tok": round(times.decode / tokens * 1e3, 3),
+            "busy_ms_per_tok": round(sum(v[0] for v in fam.values()) / tokens, 3),
+            "top_ms_per_tok": {k: [round(v[0] / tokens, 4), v[1]] for k, v in top},
+            "gaps": _gaps(plane, tokens),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "tp_reduce_dtype": os.environ.get("TP_REDUCE_DTYPE", "auto"),
+        }), flush=True)
+    print(json.dumps({"model": model, "quant": quant, "mesh": mesh_text, "batch": b,
+                      "collectives": _collectives(llm.core.runner)}), flush=True)
+
+
 def main() -> None:
     reduce_dtype = os.environ.get("TP_REDUCE_DTYPE")  # e.g. bfloat16: the tp all-reduces'
     model = os.environ.get("MODEL", "llama-3.1-8b-shape")
-    tokens = GEN - 1
+    batches = [int(b) for b in os.environ.get("BATCHES", "1,32").split(",")]
     for mesh_text in os.environ.get("MESHES", "tp=1;tp=2").split(";"):
-        spec = parse_mesh(mesh_text)
-        mesh = make_mesh(spec)
-        loaded = load_model(model, mesh=mesh, dtype="bfloat16")
-        for b in (1, 32):
-            per = -(-(PROMPT + GEN) // 16)
-            eng = EngineConfig(page_size=16, num_pages=b * per, max_seq_len=PROMPT + GEN,
-                               dtype="bfloat16", kernels="pallas", decode_steps=STEPS,
-                               batch_buckets=(b,), prefill_buckets=(PROMPT,),
-                               prefill_rows=(b,), max_num_batched_tokens=b * PROMPT,
-                               tp_reduce_dtype=reduce_dtype)
-            llm = LLM.from_loaded(loaded, eng, mesh=mesh)
-            runner = llm.core.runner
-            prompts = [np.arange(PROMPT, dtype=np.int32) + i for i in range(b)]
-            for _ in range(2):  # compile, then warm
-                bench.run_once(llm, prompts, GEN)
-            times, planes = _trace(llm, prompts)
-            for plane in planes:
-                fam = _families(plane)
-                top = sorted(fam.items(), key=lambda kv: -kv[1][0])[:12]
-                print(json.dumps({
-                    "mesh": mesh_text, "batch": b, "plane": plane.name,
-                    "wall_decode_ms_per_tok": round(times.decode / tokens * 1e3, 3),
-                    "busy_ms_per_tok": round(sum(v[0] for v in fam.values()) / tokens, 3),
-                    "top_ms_per_tok": {k: [round(v[0] / tokens, 4), v[1]] for k, v in top},
-                    "gaps": _gaps(plane, tokens),
-                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                    "tp_reduce_dtype": os.environ.get("TP_REDUCE_DTYPE", "auto"),
-                }), flush=True)
-            print(json.dumps({"mesh": mesh_text, "batch": b, "collectives": _collectives(runner)}),
-                  flush=True)
-            del llm, runner
+        mesh = make_mesh(parse_mesh(mesh_text))
+        for quant in os.environ.get("QUANTS", "none").split(","):
+            loaded = load_model(model, mesh=mesh, dtype="bfloat16", quant=quant)
+            for b in batches:
+                _probe(model, mesh_text, mesh, loaded, quant, b, reduce_dtype)
+            del loaded
 
 
 if __name__ == "__main__":
