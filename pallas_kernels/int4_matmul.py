@@ -39,6 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.qmatmul import spread_decode
+
 INT4_MAX = 15
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -209,11 +211,7 @@ def _plan(m: int, n: int, k: int, group: int, cfg: Int4Tuning) -> _Plan:
     full, tail = k // group, k % group
     split = 1
     if decode and cfg.min_programs:
-        while pl.cdiv(n, bn) * split < cfg.min_programs and bn > 64:
-            bn //= 2
-        while (pl.cdiv(n, bn) * split < cfg.min_programs and split < cfg.max_split
-               and not tail and full % (2 * split) == 0):
-            split *= 2
+        bn, split = spread_decode(n, bn, full, tail, split, cfg.min_programs, cfg.max_split)
     return _Plan(bm=bm, bn=bn, split=split, steps=full // split, tail=tail)
 
 

@@ -310,6 +310,19 @@ def _fit_smem(bm: int, bn: int, bk: int, stages: int, x_bytes: int, w_bytes: int
     return bn, bk, stages
 
 
+def spread_decode(n: int, bn: int, units: int, tail: int, split: int, min_programs: int,
+                  max_split: int) -> tuple[int, int]:
+    """The decode rule (also `int4_matmul`'s): narrow the column tiles down to 64, then split
+    the `units` K steps in 2, 4, ... (up to `max_split`, evenly, never with a `tail`) until
+    there are `min_programs` programs. -> (bn, split)."""
+    while pl.cdiv(n, bn) * split < min_programs and bn > 64:
+        bn //= 2
+    while (pl.cdiv(n, bn) * split < min_programs and split < max_split and not tail
+           and units % (2 * split) == 0):
+        split *= 2
+    return bn, split
+
+
 def _plan(m: int, n: int, k: int, blocks: MatmulBlocks, small_m_max: int,
           group: int | None, x_bytes: int, w_bytes: int, min_programs: int = 0,
           max_split: int = 2) -> _Plan:
@@ -323,11 +336,7 @@ def _plan(m: int, n: int, k: int, blocks: MatmulBlocks, small_m_max: int,
     full, tail = divmod(k, bk)
     split = blocks.split_k
     if m <= small_m_max and min_programs:
-        while pl.cdiv(n, bn) * split < min_programs and bn > 64:
-            bn //= 2
-        while (pl.cdiv(n, bn) * split < min_programs and split < max_split and not tail
-               and full % (2 * split) == 0):
-            split *= 2
+        bn, split = spread_decode(n, bn, full, tail, split, min_programs, max_split)
     if split > 1 and (tail or full % split):
         split = 1  # uneven splits are not worth masking: fall back to one program along K
     return _Plan(m=m, n=n, k=k, bm=bm, bn=bn, bk=bk, split=split, steps=full // split,

@@ -298,7 +298,7 @@ def test_dense_decode_plan_fills_the_gpu():
     """Few columns: 64-wide tiles, then K split 2, 4 or 8 ways, until ~100 programs stream the
     weight; many columns keep the 128-wide tiles (the measured best at N = 14336)."""
     cfg = qm.DENSE_DEFAULT
-    plan = lambda m, k, n: qm._plan(m, n, k, cfg.small, 64, None, 2, 2,
+    plan = lambda m, k, n: qm._plan(m, n, k, cfg.small, 64, None, 2, 2,  # noqa: E731
                                     cfg.min_programs, cfg.max_split)
     assert (plan(1, 4096, 14336).bn, plan(1, 4096, 14336).split) == (128, 1)
     assert (plan(1, 4096, 7168).bn, plan(1, 4096, 7168).split) == (64, 1)
